@@ -1,0 +1,31 @@
+# Quickstart: `make demo` then `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo benchmarks clean
+
+$(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of PyTorch that lies on disk; never an unpinned torch (that pulls CUDA).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c .ci/constraints.txt -e ".[tests,training,notebooks]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+benchmarks: $(STAMP)
+	$(PY) benchmarks/bench_schedulers.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
