@@ -1,0 +1,94 @@
+"""Bad arguments raise ValueError at the door, naming the argument, the value and the allowed values."""
+
+import pytest
+import torch
+
+from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
+from schedulers import tutorial_math as tm
+
+BOTH = [TutorialDDPMScheduler, TutorialDDIMScheduler]
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"beta_schedule": "cubic"}, r"beta_schedule='cubic'.*'linear', 'scaled_linear', 'squaredcos_cap_v2'"),
+        ({"prediction_type": "noise"}, r"prediction_type='noise'.*'epsilon', 'sample', 'v_prediction'"),
+        ({"timestep_spacing": "uniform"}, r"timestep_spacing='uniform'.*'leading', 'linspace', 'trailing'"),
+        ({"trained_betas": [0.1] * 10}, r"trained_betas has length 10 but num_train_timesteps=1000"),
+        ({"num_train_timesteps": 4, "trained_betas": [0.1, 0.2, 1.0, 0.3]}, r"trained_betas must lie in .*\(0, 1\)"),
+        ({"num_train_timesteps": 3, "trained_betas": [0.1, -0.2, 0.3]}, r"trained_betas must lie in .*\(0, 1\)"),
+        ({"num_train_timesteps": 0}, r"num_train_timesteps=0"),
+        ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr=True with prediction_type='epsilon'"),
+        ({"thresholding": True, "dynamic_thresholding_ratio": 1.5}, r"dynamic_thresholding_ratio=1.5"),
+        ({"steps_offset": -1}, r"steps_offset=-1"),
+    ],
+)
+def test_bad_config_is_refused_at_construction(cls, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cls(**kwargs)
+
+
+def test_bad_variance_type_names_the_choices():
+    with pytest.raises(ValueError, match=r"variance_type='big'.*'fixed_small', 'fixed_small_log'.*'learned_range'"):
+        TutorialDDPMScheduler(variance_type="big")
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize("n", [0, -3, 1001, 2.5])
+def test_num_inference_steps_out_of_range(cls, n):
+    with pytest.raises(ValueError, match=rf"num_inference_steps={n}.*\[1, num_train_timesteps=1000\]"):
+        cls().set_timesteps(n)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_set_timesteps_argument_checks(cls):
+    s = cls()
+    with pytest.raises(ValueError, match="exactly one of num_inference_steps and timesteps"):
+        s.set_timesteps()
+    with pytest.raises(ValueError, match="exactly one of num_inference_steps and timesteps"):
+        s.set_timesteps(10, timesteps=[5, 3])
+    with pytest.raises(ValueError, match="strictly descending"):
+        s.set_timesteps(timesteps=[5, 7, 1])
+    with pytest.raises(ValueError, match=r"\[0, num_train_timesteps - 1 = 999\]"):
+        s.set_timesteps(timesteps=[1000, 5])
+    with pytest.raises(ValueError, match="steps_offset=5 pushes the 'leading' grid past t = 999"):
+        cls(steps_offset=5).set_timesteps(1000)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_step_checks(cls):
+    s = cls()
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="before set_timesteps"):
+        s.step(x, 999, x)
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"model_output has shape \(1, 3, 8, 8\) but sample has shape \(1, 3, 4, 4\)"):
+        s.step(torch.randn(1, 3, 8, 8), s.timesteps[0], x)
+    with pytest.raises(ValueError, match="timestep=998 is not on the grid"):
+        s.step(x, 998, x)
+
+
+def test_negative_eta_is_refused():
+    s = TutorialDDIMScheduler()
+    s.set_timesteps(10)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"eta=-0.5 must be >= 0"):
+        s.step(x, s.timesteps[0], x, eta=-0.5)
+    with pytest.raises(ValueError, match="at most one of generator and variance_noise"):
+        s.step(x, s.timesteps[0], x, eta=1.0, generator=torch.Generator(), variance_noise=x)
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_learned_variance_needs_the_variance_channels(variance_type):
+    s = TutorialDDPMScheduler(variance_type=variance_type)
+    s.set_timesteps(10)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=rf"variance_type='{variance_type}' needs model_output with 2 x 3 channels"):
+        s.step(x, s.timesteps[0], x)
+
+
+def test_expand_to_refuses_a_mismatched_batch():
+    with pytest.raises(ValueError, match=r"coefficient of shape \(3,\) cannot broadcast against a batch of shape"):
+        tm.expand_to(torch.ones(3), torch.zeros(4, 2, 2))
