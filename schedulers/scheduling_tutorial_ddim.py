@@ -76,13 +76,13 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
     def _final_alpha_bar(self) -> float:
         return 1.0 if self.config.set_alpha_to_one else float(self.alpha_bar[0])
 
-    def _on_set_timesteps(self, grid: torch.Tensor) -> None:
-        # Per-step ᾱ_t, ᾱ_{t'} and the DDPM posterior variance β̃ that η scales (DDIM eq. (16)), as Python floats.
-        alpha_bar = self.alpha_bar[grid]
-        alpha_bar_prev = torch.tensor([self._alpha_bar_at(t) for t in self._prev_timesteps], dtype=torch.float64)
-        self._alpha_bar_table = alpha_bar.tolist()
-        self._alpha_bar_prev_table = alpha_bar_prev.tolist()
-        self._posterior_variance_table = tm.q_posterior_coefs(alpha_bar, alpha_bar_prev)[2].tolist()
+    def _tabulate(self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict:
+        # ᾱ_t, ᾱ_{t'} and the DDPM posterior variance β̃ that η scales (DDIM eq. (16)).
+        return {
+            "alpha_bar": alpha_bar.tolist(),
+            "alpha_bar_prev": alpha_bar_prev.tolist(),
+            "posterior_variance": tm.q_posterior_coefs(alpha_bar, alpha_bar_prev)[2].tolist(),
+        }
 
     def step(
         self,
@@ -116,7 +116,7 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             raise ValueError(f"eta={eta!r} must be >= 0 (0: deterministic DDIM, 1: DDPM's posterior variance).")
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass at most one of generator and variance_noise to step().")
-        alpha_bar, alpha_bar_prev = self._alpha_bar_table[i], self._alpha_bar_prev_table[i]
+        alpha_bar, alpha_bar_prev = self._tables["alpha_bar"][i], self._tables["alpha_bar_prev"][i]
 
         # 1. x̂_0 and ε̂ from the network's output (DDIM eq. (9) and its v/x_0 analogues), then clip.
         x0, eps = tm.model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)
@@ -125,7 +125,7 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             eps = tm.x0_to_eps(sample, x0, alpha_bar)
 
         # 2. σ_t(η) = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'}) (DDIM eq. (16)).
-        sigma_eta = eta * math.sqrt(self._posterior_variance_table[i])
+        sigma_eta = eta * math.sqrt(self._tables["posterior_variance"][i])
 
         # 3. x_{t'} = √ᾱ_{t'} x̂_0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ z (DDIM eq. (12)).
         direction = math.sqrt(max(1.0 - alpha_bar_prev - sigma_eta**2, 0.0))
@@ -170,7 +170,7 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         """
         i = self._step_index(timestep)
         self._check_shapes(model_output, sample)
-        alpha_bar, alpha_bar_prev = self._alpha_bar_table[i], self._alpha_bar_prev_table[i]
+        alpha_bar, alpha_bar_prev = self._tables["alpha_bar"][i], self._tables["alpha_bar_prev"][i]
         # ε̂ read at the model's own time t, then x̂_0 from the current level t' so the map is eq. (12) run backwards.
         eps = tm.model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)[1]
         x0 = tm.eps_to_x0(sample, eps, alpha_bar_prev)

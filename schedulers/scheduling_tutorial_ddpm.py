@@ -93,29 +93,28 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         self._init_schedule()
         self.variance_type = variance_type
 
-    def _on_set_timesteps(self, grid: torch.Tensor) -> None:
-        # Per-step tables, float64 -> Python floats: (c_0, c_t) of DDPM eq. (7) and log β̃, log β.
-        alpha_bar = self.alpha_bar[grid]
-        alpha_bar_prev = torch.tensor([self._alpha_bar_at(t) for t in self._prev_timesteps], dtype=torch.float64)
+    def _tabulate(self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict:
+        # (c_0, c_t) of DDPM eq. (7), log β̃ (floored as diffusers does) and log β of the (respaced) step.
         coef_x0, coef_xt, posterior_variance = tm.q_posterior_coefs(alpha_bar, alpha_bar_prev)
-        beta = 1.0 - alpha_bar / alpha_bar_prev
-        self._alpha_bar_table = alpha_bar.tolist()
-        self._coef_x0_table = coef_x0.tolist()
-        self._coef_xt_table = coef_xt.tolist()
-        self._log_small_table = posterior_variance.clamp(min=MIN_POSTERIOR_VARIANCE).log().tolist()
-        self._log_large_table = beta.log().tolist()
+        return {
+            "alpha_bar": alpha_bar.tolist(),
+            "coef_x0": coef_x0.tolist(),
+            "coef_xt": coef_xt.tolist(),
+            "log_small": posterior_variance.clamp(min=MIN_POSTERIOR_VARIANCE).log().tolist(),
+            "log_large": torch.log(1.0 - alpha_bar / alpha_bar_prev).tolist(),
+        }
 
     def _log_variance(self, i: int, predicted_variance: Optional[torch.Tensor]):
         """log σ_t² of step i as a float (fixed types) or a tensor (learned types)."""
         kind = self.variance_type
         if kind in ("fixed_small", "fixed_small_log"):
-            return self._log_small_table[i]  # σ² = β̃_t, DDPM Sec. 3.2
+            return self._tables["log_small"][i]  # σ² = β̃_t, DDPM Sec. 3.2
         if kind in ("fixed_large", "fixed_large_log"):
-            return self._log_large_table[i]  # σ² = β_t, DDPM Sec. 3.2 (diffusers' fixed_large_log is NaN)
+            return self._tables["log_large"][i]  # σ² = β_t, DDPM Sec. 3.2 (diffusers' fixed_large_log is NaN)
         if kind == "learned":
             return torch.log(predicted_variance)  # the model outputs σ² itself (diffusers' meaning)
         frac = (predicted_variance + 1) / 2  # improved DDPM eq. (15)
-        return frac * self._log_large_table[i] + (1 - frac) * self._log_small_table[i]
+        return frac * self._tables["log_large"][i] + (1 - frac) * self._tables["log_small"][i]
 
     def step(
         self,
@@ -154,11 +153,11 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             predicted_variance = None
 
         # 1. x̂_0 from the network's output (DDPM eq. (15) for ε; Salimans & Ho App. D for v), then clip.
-        x0 = tm.model_output_to_x0(model_output, sample, self._alpha_bar_table[i], self.config.prediction_type)
+        x0 = tm.model_output_to_x0(model_output, sample, self._tables["alpha_bar"][i], self.config.prediction_type)
         x0 = self._keep_in_range(x0)
 
         # 2. Posterior mean μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. (7)).
-        prev_sample = self._coef_x0_table[i] * x0 + self._coef_xt_table[i] * sample
+        prev_sample = self._tables["coef_x0"][i] * x0 + self._tables["coef_xt"][i] * sample
 
         # 3. Add σ_t z for t > 0 (Algorithm 2: z = 0 only at t = 0).
         if int(timestep) > 0:

@@ -63,7 +63,9 @@ class TutorialDiscreteScheduler:
         self.custom_timesteps = False
         self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._prev_timesteps: Optional[List[int]] = None  # grid successor of each step, -1 for x_0
-        self._index_of: Dict[int, int] = {}  # timestep -> position in the grid
+        self._index_of: List[int] = []  # timestep -> position in the grid (-1: not on it)
+        self._tables: Dict[str, List[float]] = {}  # per-step coefficients, see `_tabulate`
+        self._grid_cache: Dict[tuple, dict] = {}  # set_timesteps results per distinct grid (config is frozen)
 
     # ------------------------------------------------------------------------------------------------------------
     def _alpha_bar_at(self, t: int) -> float:
@@ -93,26 +95,50 @@ class TutorialDiscreteScheduler:
                 "set_timesteps: pass exactly one of num_inference_steps and timesteps "
                 f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
             )
+        key = (num_inference_steps, None if timesteps is None else tuple(int(t) for t in timesteps))
+        state = self._grid_cache.get(key)
+        if state is None:
+            state = self._build_grid_state(num_inference_steps, timesteps)
+            self._grid_cache[key] = state
+        # ---- the one block of mutable state ----------------------------------------------------------------------
+        grid = state["timesteps"]
+        self.timesteps = grid.to(device) if device is not None else grid
+        self.num_inference_steps = state["num_inference_steps"]
+        self.custom_timesteps = state["custom_timesteps"]
+        self._prev_timesteps = state["prev_timesteps"]
+        self._index_of = state["index_of"]
+        self._tables = state["tables"]
+
+    def _build_grid_state(self, num_inference_steps: Optional[int], timesteps: Optional[Sequence[int]]) -> dict:
+        """The grid, its successors and the per-step coefficient tables, computed once per distinct grid."""
+        T = self.config.num_train_timesteps
         if timesteps is not None:
             grid = tm.validate_custom_timesteps(timesteps, T)
-            self.custom_timesteps = True
         else:
             grid = tm.spaced_timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
-            if int(grid.max()) >= T:
+            if int(grid[0]) >= T:
                 raise ValueError(
                     f"steps_offset={self.config.steps_offset} pushes the 'leading' grid past t = {T - 1} at "
                     f"num_inference_steps={num_inference_steps}; lower steps_offset or num_inference_steps."
                 )
-            self.custom_timesteps = False
-        # ---- the one block of mutable state ----------------------------------------------------------------------
-        self.num_inference_steps = int(grid.numel())
-        self.timesteps = grid.to(device) if device is not None else grid
-        self._prev_timesteps = tm.successor_timesteps(grid).tolist()
-        self._index_of = {t: i for i, t in enumerate(grid.tolist())}
-        self._on_set_timesteps(grid)
+        prev = tm.successor_timesteps(grid)
+        # ᾱ of each step's target level; index -1 (x_0) picks the appended final ᾱ.
+        alpha_bar_ext = torch.cat([self.alpha_bar, self.alpha_bar.new_tensor([self._final_alpha_bar()])])
+        index_of = [-1] * T
+        for i, t in enumerate(grid.tolist()):
+            index_of[t] = i
+        return {
+            "timesteps": grid,
+            "num_inference_steps": int(grid.numel()),
+            "custom_timesteps": timesteps is not None,
+            "prev_timesteps": prev.tolist(),
+            "index_of": index_of,
+            "tables": self._tabulate(self.alpha_bar[grid], alpha_bar_ext[prev]),
+        }
 
-    def _on_set_timesteps(self, grid: torch.Tensor) -> None:
-        """Hook for subclasses to tabulate per-step coefficients from the new grid."""
+    def _tabulate(self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict:
+        """Per-step coefficient tables (lists of Python floats) a subclass's `step` reads; float64 in, once."""
+        return {}
 
     def _step_index(self, timestep: Union[int, torch.Tensor]) -> int:
         """Position of `timestep` in the grid; the door every `step` passes through."""
@@ -122,8 +148,8 @@ class TutorialDiscreteScheduler:
                 "scheduler.set_timesteps(num_inference_steps) first."
             )
         t = int(timestep)
-        index = self._index_of.get(t)
-        if index is None:
+        index = self._index_of[t] if 0 <= t < len(self._index_of) else -1
+        if index < 0:
             raise ValueError(f"timestep={t} is not on the grid set by set_timesteps: {self.timesteps.tolist()}.")
         return index
 

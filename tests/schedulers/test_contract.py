@@ -119,6 +119,9 @@ def test_timesteps_and_previous_timestep(scheduler_cls):
     assert s.previous_timestep(torch.tensor(grid[0])).item() == grid[1]
     s.set_timesteps(timesteps=[900, 500, 20])
     assert s.timesteps.tolist() == [900, 500, 20] and s.previous_timestep(500) == 20 and s.num_inference_steps == 3
+    s.set_timesteps(7)  # grids are cached per N: switching back restores the whole state
+    assert s.timesteps.tolist() == grid and s.num_inference_steps == 7 and not s.custom_timesteps
+    assert [s.previous_timestep(t) for t in grid] == grid[1:] + [-1]
 
 
 def test_step_accepts_tensor_timesteps_and_keeps_dtype(scheduler_cls):
