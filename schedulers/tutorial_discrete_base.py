@@ -89,7 +89,6 @@ class TutorialDiscreteScheduler:
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[int]`, *optional*): a custom strictly descending grid inside [0, num_train_timesteps).
         """
-        T = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(
                 "set_timesteps: pass exactly one of num_inference_steps and timesteps "
