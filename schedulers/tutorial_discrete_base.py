@@ -68,11 +68,8 @@ class TutorialDiscreteScheduler:
         self._grid_cache: Dict[tuple, dict] = {}  # set_timesteps results per distinct grid (config is frozen)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _alpha_bar_at(self, t: int) -> float:
-        """ᾱ at grid level t; the level -1 (x_0) has ᾱ = `final_alpha_bar` (1 unless a subclass says otherwise)."""
-        return float(self.alpha_bar[t]) if t >= 0 else self._final_alpha_bar()
-
     def _final_alpha_bar(self) -> float:
+        """ᾱ of the level -1 that the last step lands on (x_0): 1 unless a subclass says otherwise."""
         return 1.0
 
     def set_timesteps(
@@ -94,7 +91,8 @@ class TutorialDiscreteScheduler:
                 "set_timesteps: pass exactly one of num_inference_steps and timesteps "
                 f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
             )
-        key = (num_inference_steps, None if timesteps is None else tuple(int(t) for t in timesteps))
+        custom = None if timesteps is None else tuple(timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)
+        key = (num_inference_steps, custom)
         state = self._grid_cache.get(key)
         if state is None:
             state = self._build_grid_state(num_inference_steps, timesteps)

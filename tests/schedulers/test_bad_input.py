@@ -53,6 +53,9 @@ def test_set_timesteps_argument_checks(cls):
         s.set_timesteps(timesteps=[5, 7, 1])
     with pytest.raises(ValueError, match=r"\[0, num_train_timesteps - 1 = 999\]"):
         s.set_timesteps(timesteps=[1000, 5])
+    s.set_timesteps(timesteps=[900, 3])  # a cached grid must not let a near-identical bad one through
+    with pytest.raises(ValueError, match="timesteps must be integers"):
+        s.set_timesteps(timesteps=[900.5, 3])
     with pytest.raises(ValueError, match="steps_offset=5 pushes the 'leading' grid past t = 999"):
         cls(steps_offset=5).set_timesteps(1000)
 
