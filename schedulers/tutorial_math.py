@@ -232,6 +232,15 @@ def q_posterior_mean_variance(
     return expand_to(coef_x0, x0) * x0 + expand_to(coef_xt, x_t) * x_t, variance
 
 
+def gaussian_kl(mean1, var1, mean2, var2) -> torch.Tensor:
+    """KL(N(mean1, var1) || N(mean2, var2)) elementwise, the closed form behind every term of the ELBO (DDPM eq. (5)).
+
+    KL = ½ [log(var2/var1) + (var1 + (mean1 - mean2)²)/var2 - 1]. Arguments broadcast; sum over dimensions yourself.
+    """
+    mean1, var1, mean2, var2 = (torch.as_tensor(a) for a in (mean1, var1, mean2, var2))
+    return 0.5 * (torch.log(var2) - torch.log(var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parameterisations: ε, x_0, v and the score, all from x_t = √ᾱ x_0 + σ ε
 # ----------------------------------------------------------------------------------------------------------------

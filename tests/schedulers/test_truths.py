@@ -215,3 +215,15 @@ def test_inverse_step_is_the_exact_inverse_of_a_deterministic_step():
         x_prev = s.step(eps, t, x_t).prev_sample
         back = s.inverse_step(eps, t, x_prev).prev_sample
         torch.testing.assert_close(back, x_t, rtol=1e-10, atol=1e-10)
+
+
+def test_gaussian_kl_matches_monte_carlo_and_vanishes_at_equality():
+    g = torch.Generator().manual_seed(0)
+    m1, v1, m2, v2 = 0.3, 0.5, -0.4, 1.7
+    x = m1 + math.sqrt(v1) * torch.randn(400_000, generator=g, dtype=torch.float64)
+    log_q = -0.5 * ((x - m1) ** 2 / v1 + math.log(2 * math.pi * v1))
+    log_p = -0.5 * ((x - m2) ** 2 / v2 + math.log(2 * math.pi * v2))
+    mc = (log_q - log_p).mean().item()
+    exact = tm.gaussian_kl(torch.tensor(m1), torch.tensor(v1), torch.tensor(m2), torch.tensor(v2)).item()
+    assert exact == pytest.approx(mc, abs=5 * (log_q - log_p).std().item() / math.sqrt(x.numel()))
+    assert tm.gaussian_kl(torch.tensor(0.2), torch.tensor(0.3), torch.tensor(0.2), torch.tensor(0.3)).item() == 0.0
