@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo benchmarks clean
+.PHONY: install test lint notebooks benchmarks clean
 
 $(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Re-execute every tutorial notebook at full size and refresh the committed .ipynb outputs.
+notebooks: $(STAMP)
+	$(PY) notebooks/run_notebooks.py --write
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/bench_schedulers.py
