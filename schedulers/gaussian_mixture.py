@@ -93,7 +93,10 @@ class GaussianMixture:
         return tm.score_to_eps(self.score(x, alpha_bar), torch.as_tensor(alpha_bar, dtype=torch.float64))
 
     def model(self, alpha_bar_table: torch.Tensor, prediction_type: str = "epsilon") -> Callable:
-        """A stand-in for a perfectly trained network: `model(x_t, t) -> ε*, x_0* or v*` for integer t.
+        """A stand-in for a perfectly trained network: `model(x_t, t) -> ε*, x_0* or v*`.
+
+        At integer t it reads ᾱ_t from the table; at fractional t (continuous-time samplers) it uses the continuous
+        schedule of `tutorial_math.alpha_bar_at` (λ linear between integers), so it is exact for every t.
 
         Args:
             alpha_bar_table (`torch.Tensor`): ᾱ indexed by the integer timestep (a scheduler's `alpha_bar`).
@@ -101,10 +104,16 @@ class GaussianMixture:
         """
         tm.check_choice("prediction_type", prediction_type, tm.PREDICTION_TYPES)
         table = torch.as_tensor(alpha_bar_table, dtype=torch.float64)
+        lam_table = tm.half_log_snr(table)
 
         def predict(x_t: torch.Tensor, t) -> torch.Tensor:
-            t = torch.as_tensor(t).long()
-            alpha_bar = table[t] if t.ndim == 0 else table[t.flatten()]
+            t = torch.as_tensor(t, dtype=torch.float64)
+            if bool((t == t.round()).all()):  # the table itself, bit for bit
+                alpha_bar = table[t.long()] if t.ndim == 0 else table[t.long().flatten()]
+            else:
+                alpha_bar = torch.sigmoid(2 * tm.half_log_snr_at(t.flatten() if t.ndim else t, lam_table))
+            if alpha_bar.ndim == 1 and alpha_bar.numel() == 1:
+                alpha_bar = alpha_bar[0]
             eps = self.eps(x_t, alpha_bar)
             if prediction_type == "epsilon":
                 return eps

@@ -393,3 +393,98 @@ def validate_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int
             f"timesteps must lie in [0, num_train_timesteps - 1 = {num_train_timesteps - 1}]; got {grid.tolist()}."
         )
     return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Continuous time for a discrete-time model: λ(t) linear between integer timesteps (see tutorial_continuous.py),
+# ᾱ(t) = sigmoid(2 λ(t)), and where a continuous-time sampler puts its grid points
+# ----------------------------------------------------------------------------------------------------------------
+# Where the sampler's grid points go: uniform in λ (DPM-Solver's "logSNR"), Karras et al. 2022 eq. (5) in σ̄ = e^{-λ}
+# with exponent ρ, or uniform in the model's timestep t.
+STEP_PLACEMENTS = ("logsnr", "karras", "time_uniform")
+
+
+def half_log_snr_at(t, half_log_snr_table: torch.Tensor) -> torch.Tensor:
+    """λ(t) for fractional t ∈ [0, T-1]: linear interpolation of the table λ_i = ½ log SNR_i between integers.
+
+    Args:
+        t (`float` or `torch.Tensor`): timesteps on the model's scale.
+        half_log_snr_table (`torch.Tensor`): λ_0..λ_{T-1}, float64, strictly decreasing.
+
+    Returns:
+        `torch.Tensor`: λ(t), float64, the shape of `t`.
+    """
+    table = half_log_snr_table
+    t = torch.as_tensor(t, dtype=torch.float64, device=table.device)
+    last = table.numel() - 1
+    if bool((t < -1e-9).any() or (t > last + 1e-9).any()):
+        raise ValueError(f"timestep(s) {t.flatten()[:4].tolist()} outside the model's range [0, {last}].")
+    t = t.clamp(0, last)
+    i = t.floor().clamp(max=max(last - 1, 0)).long()
+    w = t - i
+    return table[i] * (1 - w) + table[(i + 1).clamp(max=last)] * w
+
+
+def timestep_at(half_log_snr: torch.Tensor, half_log_snr_table: torch.Tensor) -> torch.Tensor:
+    """The inverse of `half_log_snr_at`: the fractional timestep t with λ(t) = `half_log_snr`.
+
+    Raises `ValueError` if λ is outside [λ_{T-1}, λ_0], the range the model was trained on.
+    """
+    table = half_log_snr_table
+    lam = torch.as_tensor(half_log_snr, dtype=torch.float64, device=table.device)
+    lo, hi = float(table[-1]), float(table[0])
+    span = 1e-9 * (1 + abs(lo) + abs(hi))
+    if bool((lam < lo - span).any() or (lam > hi + span).any()):
+        raise ValueError(f"half log-SNR value(s) {lam.flatten()[:4].tolist()} outside the model's range [{lo}, {hi}].")
+    ascending = table.flip(0)  # ascending[k] = λ_{T-1-k}
+    lam = lam.clamp(lo, hi)
+    k = (torch.searchsorted(ascending, lam.flatten(), right=True) - 1).clamp(0, table.numel() - 2)
+    frac = (lam.flatten() - ascending[k]) / (ascending[k + 1] - ascending[k])
+    return (table.numel() - 1 - (k + frac)).reshape(lam.shape)
+
+
+def alpha_bar_at(t, alpha_bar_table: torch.Tensor) -> torch.Tensor:
+    """ᾱ(t) = sigmoid(2 λ(t)) for fractional t (the continuous schedule of this module); float64."""
+    table = torch.as_tensor(alpha_bar_table, dtype=torch.float64)
+    return torch.sigmoid(2 * half_log_snr_at(t, half_log_snr(table)))
+
+
+def placement_half_log_snrs(
+    num_points: int, half_log_snr_table: torch.Tensor, step_placement: str = "logsnr", rho: float = 7.0
+) -> torch.Tensor:
+    """The λ values of a sampler grid from t = T-1 (first, λ smallest) to t = 0 (last), `num_points` of them.
+
+    Args:
+        num_points (`int`): grid size N ≥ 2 (N - 1 solver steps).
+        half_log_snr_table (`torch.Tensor`): the model's λ table.
+        step_placement (`str`): one of `STEP_PLACEMENTS`.
+        rho (`float`): Karras et al. 2022's ρ (eq. (5)); only for `karras`.
+
+    Returns:
+        `torch.Tensor`: float64, strictly increasing λ.
+    """
+    check_choice("step_placement", step_placement, STEP_PLACEMENTS)
+    lam_max, lam_min = float(half_log_snr_table[0]), float(half_log_snr_table[-1])
+    u = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    if step_placement == "logsnr":
+        return lam_min + u * (lam_max - lam_min)
+    if step_placement == "karras":
+        # Karras eq. (5): σ̄_i = (σ̄_max^{1/ρ} + i/(N-1) (σ̄_min^{1/ρ} - σ̄_max^{1/ρ}))^ρ with σ̄ = e^{-λ}.
+        s_max, s_min = math.exp(-lam_min / rho), math.exp(-lam_max / rho)
+        lam = -rho * torch.log(s_max + u * (s_min - s_max))
+        lam[0], lam[-1] = lam_min, lam_max  # exact endpoints, free of rounding
+        return lam
+    t = (half_log_snr_table.numel() - 1) * (1 - u)  # time_uniform
+    return half_log_snr_at(t, half_log_snr_table)
+
+
+def check_custom_grid(timesteps: Sequence[float], num_train_timesteps: int) -> torch.Tensor:
+    """A user-given (e.g. tuned) grid: strictly descending floats from T-1 to 0 inclusive; returned as float64."""
+    grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    T = num_train_timesteps
+    if grid.numel() < 2 or bool((grid[1:] >= grid[:-1]).any()) or float(grid[0]) != T - 1 or float(grid[-1]) != 0:
+        raise ValueError(
+            f"timesteps={grid.tolist()[:8]}... must be strictly descending from {T - 1} to 0 inclusive "
+            "(the sampled interval), with at least 2 points."
+        )
+    return grid

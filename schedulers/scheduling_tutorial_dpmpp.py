@@ -1,0 +1,255 @@
+"""DPM-Solver++ multistep: an exponential integrator of the probability-flow ODE in λ = ½ log SNR, orders 1-3.
+
+Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095
+(and DPM-Solver, arXiv:2206.00927). With α = √ᾱ, σ = √(1-ᾱ) and the data prediction x̂_0(x, λ), the PF-ODE has
+the exact solution (DPM-Solver++ eq. (9))
+
+    x_t = (σ_t / σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^{λ} x̂_0(x_λ, λ) dλ.
+
+Expanding x̂_0 in a Taylor series in λ around λ_s (step h = λ_t - λ_s) and integrating each power exactly gives
+
+    x_t = (σ_t/σ_s) x_s + α_t [ φ_1 x̂_0 + (h - φ_1) x̂_0' + (h²/2 - h + φ_1) x̂_0'' ],   φ_1 = 1 - e^{-h},
+
+and the multistep method of order k estimates the derivatives x̂_0', x̂_0'' by divided differences of the last k
+data predictions (the "taylor" form of the multistep updates; DPM-Solver++(2M) uses the same first difference).
+Order 1 is DDIM. The first steps use the order the history allows (1, then 2).
+
+Time: this module's continuous schedule (see `tutorial_continuous.py`): λ linear between integer timesteps, the
+model fed fractional timesteps; the grid runs from t = T-1 to t = 0 and the last entry (t = 0) returns x̂_0.
+"""
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+from . import tutorial_math as tm
+from .scheduling_tutorial_ddpm import TutorialSchedulerOutput
+from .tutorial_continuous import TutorialContinuousScheduler
+
+SOLVER_ORDERS = (1, 2, 3)
+
+
+class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerMixin, ConfigMixin):
+    """DPM-Solver++ multistep sampler (Lu et al. 2022b, Alg. 2 generalised to order 3), deterministic.
+
+    `set_timesteps(N)` builds N grid points from t = T-1 to t = 0; a sampling loop makes N model evaluations: N - 1
+    multistep updates and, at t = 0, the final denoised x̂_0. Config keys shared with DDPM/DDIM keep diffusers' names
+    and meanings, so `TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config)` works.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): T.
+        beta_start (`float`, defaults to 0.0001): β_1 of the linear-type schedules.
+        beta_end (`float`, defaults to 0.02): β_T of the linear-type schedules.
+        beta_schedule (`str`, defaults to `"linear"`): one of `tutorial_math.BETA_SCHEDULES`.
+        trained_betas (`list[float]`, *optional*): explicit β_t, overriding `beta_schedule`.
+        prediction_type (`str`, defaults to `"epsilon"`): `epsilon`, `sample` or `v_prediction`.
+        solver_order (`int`, defaults to 2): 1 (DDIM), 2 (DPM-Solver++(2M)) or 3 (3M).
+        step_placement (`str`, defaults to `"logsnr"`): `logsnr` (uniform in λ), `karras` (Karras et al. 2022
+            eq. (5), exponent `rho`) or `time_uniform` (uniform in t). A tuned grid can be passed to
+            `set_timesteps(timesteps=...)`.
+        rho (`float`, defaults to 7.0): Karras' ρ.
+        thresholding (`bool`, defaults to `False`): Imagen's dynamic thresholding of x̂_0.
+        dynamic_thresholding_ratio (`float`, defaults to 0.995): its quantile.
+        sample_max_value (`float`, defaults to 1.0): its largest threshold.
+        timestep_spacing (`str`, defaults to `"linspace"`): accepted for config compatibility; the grid is set by
+            `step_placement`.
+        steps_offset (`int`, defaults to 0): accepted for config compatibility; unused.
+        rescale_betas_zero_snr (`bool`, defaults to `False`): must be False (λ_{T-1} = -∞ has no finite ODE interval).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        prediction_type: str = "epsilon",
+        solver_order: int = 2,
+        step_placement: str = "logsnr",
+        rho: float = 7.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        tm.check_choice("solver_order", solver_order, SOLVER_ORDERS)
+        tm.check_choice("step_placement", step_placement, tm.STEP_PLACEMENTS)
+        if not rho > 0:
+            raise ValueError(f"rho={rho!r} must be > 0.")
+        self._init_continuous_schedule()
+        self._history: List[Tuple[float, torch.Tensor]] = []
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[float]] = None,
+    ) -> None:
+        """Build the grid t_0 = T-1 > ... > t_{N-1} = 0 and its λ, α, σ values once.
+
+        Args:
+            num_inference_steps (`int`, *optional*): N ≥ 2 grid points = model evaluations.
+            device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
+            timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
+        """
+        grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
+        # ---- the one block of mutable state ----------------------------------------------------------------------
+        self.num_inference_steps = int(grid.numel())
+        self.timesteps = grid.to(device) if device is not None else grid
+        self._lam = lam.tolist()
+        alpha_bar = torch.sigmoid(2 * lam)
+        self._alpha = alpha_bar.sqrt().tolist()
+        self._sigma = (1 - alpha_bar).sqrt().tolist()
+        self._alpha_bar = alpha_bar.tolist()
+        self._history = []
+        self._walk_index = 0
+
+    def _derivatives(self, lam_s: float, order: int):
+        """x̂_0' and x̂_0'' at λ_s from divided differences of the last `order` data predictions (Newton form)."""
+        (l0, m0), zero = self._history[-1], None
+        if order == 1:
+            return zero, zero
+        l1, m1 = self._history[-2]
+        f01 = (m0 - m1) / (l0 - l1)
+        if order == 2:
+            return f01, zero
+        l2, m2 = self._history[-3]
+        f12 = (m1 - m2) / (l1 - l2)
+        f012 = (f01 - f12) / (l0 - l2)
+        # p(λ) = m0 + f01 (λ-λ0) + f012 (λ-λ0)(λ-λ1):  p'(λ0) = f01 + f012 (λ0-λ1),  p'' = 2 f012.
+        return f01 + (l0 - l1) * f012, 2 * f012
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> Union[TutorialSchedulerOutput, Tuple]:
+        """One multistep update x_{t_i} -> x_{t_{i+1}} (DPM-Solver++ eq. (9), Taylor-integrated), or x̂_0 at t = 0.
+
+        Args:
+            model_output (`torch.Tensor`): the network's output at (x_{t_i}, t_i).
+            timestep (`float`): t_i, the next entry of `self.timesteps`.
+            sample (`torch.Tensor`): x_{t_i}.
+            return_dict (`bool`, defaults to `True`): return a `TutorialSchedulerOutput` rather than a tuple.
+
+        Returns:
+            `TutorialSchedulerOutput` or `(prev_sample, pred_original_sample)`.
+        """
+        i = self._next_walk_index(timestep)
+        if i == 0:
+            self._history = []
+        # 1. The data prediction x̂_0 at λ_i (DPM-Solver++ Sec. 4).
+        x0, _ = self._x0_eps(model_output, sample, self._alpha_bar[i])
+        if i == self.num_inference_steps - 1:  # t = 0: return Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
+            return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
+        self._history = (self._history + [(self._lam[i], x0)])[-self.config.solver_order :]
+
+        # 2. The exponential-integrator update with φ-coefficients integrated exactly (module docstring).
+        h = self._lam[i + 1] - self._lam[i]
+        phi1 = -math.expm1(-h)  # ∫_0^h e^{-(h-u)} du
+        c1 = h - phi1  # ∫_0^h e^{-(h-u)} u du
+        c2 = 0.5 * h * h - h + phi1  # ∫_0^h e^{-(h-u)} u²/2 du
+        d1, d2 = self._derivatives(self._lam[i], len(self._history))
+        alpha_t, ratio = self._alpha[i + 1], self._sigma[i + 1] / self._sigma[i]
+        prev_sample = ratio * sample + (alpha_t * phi1) * x0
+        if d1 is not None:
+            prev_sample = prev_sample + (alpha_t * c1) * d1
+        if d2 is not None:
+            prev_sample = prev_sample + (alpha_t * c2) * d2
+        if not return_dict:
+            return prev_sample, x0
+        return TutorialSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def tune_timesteps(
+    scheduler,
+    model,
+    calibration_noise: torch.Tensor,
+    num_inference_steps: int,
+    sweeps: int = 12,
+    initial_step: float = 0.5,
+    reference: Optional[torch.Tensor] = None,
+    reference_tol: float = 1e-8,
+) -> List[float]:
+    """A tuned grid for `num_inference_steps` evaluations: minimise the distance to the exact PF-ODE sample.
+
+    In the spirit of "Align Your Steps" (Sabour et al. 2024, arXiv:2404.14507), but with the most direct objective:
+    the RMS distance, on a few calibration draws of x_{T-1}, between the sampler's output and the reference solution
+    of the same ODE (the adaptive solver at `reference_tol`). The N - 1 λ-increments of the grid are the softmax of
+    free parameters (so the grid stays ordered and keeps its endpoints); a compass search (each coordinate ±step,
+    step halved when no move helps) starts from the scheduler's own placement. Pass the result to
+    `set_timesteps(timesteps=...)` of a scheduler with the same config; evaluate on noise other than the calibration
+    noise.
+
+    Args:
+        scheduler: the scheduler to tune (its config: order, prediction type, schedule).
+        model (`Callable`): `model(x_t, t)`.
+        calibration_noise (`torch.Tensor`): x_{T-1} draws, shape (B, ...).
+        num_inference_steps (`int`): N ≥ 3.
+        sweeps (`int`, defaults to 12): passes over the coordinates.
+        initial_step (`float`, defaults to 0.5): initial change of a parameter (log-increment scale).
+        reference (`torch.Tensor`, *optional*): the exact samples for `calibration_noise`, if already known.
+        reference_tol (`float`, defaults to 1e-8): rtol = atol of the reference solve.
+
+    Returns:
+        `list[float]`: the tuned descending timesteps, T-1 first, 0 last.
+    """
+    from .scheduling_tutorial_pf_ode import solve_pf_ode
+
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 3:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 3 to tune.")
+    if reference is None:
+        reference = solve_pf_ode(model, scheduler, calibration_noise, reference_tol, reference_tol, 10**6).sample
+    lam_table = scheduler.half_log_snr
+    lam_min, lam_max = float(lam_table[-1]), float(lam_table[0])
+    scheduler.set_timesteps(num_inference_steps)
+    start = torch.tensor(scheduler._lam if hasattr(scheduler, "_lam") else [], dtype=torch.float64)
+    if start.numel() != num_inference_steps:  # schedulers with stage points: start from the λ-uniform grid
+        start = torch.linspace(lam_min, lam_max, num_inference_steps, dtype=torch.float64)
+    theta = torch.log(start.diff())
+
+    def grid_of(theta: torch.Tensor) -> List[float]:
+        lam = lam_min + torch.cat([theta.new_zeros(1), torch.cumsum(torch.softmax(theta, 0), 0)]) * (lam_max - lam_min)
+        t = tm.timestep_at(lam.clamp(lam_min, lam_max), lam_table)
+        t[0], t[-1] = lam_table.numel() - 1, 0.0
+        return t.tolist()
+
+    def loss(theta: torch.Tensor) -> float:
+        grid = grid_of(theta)
+        if any(b >= a for a, b in zip(grid, grid[1:])):
+            return math.inf
+        scheduler.set_timesteps(timesteps=grid)
+        x = calibration_noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        value = float((x - reference).pow(2).mean().sqrt())
+        return value if math.isfinite(value) else math.inf
+
+    best, step = loss(theta), initial_step
+    for _ in range(sweeps):
+        improved = False
+        for k in range(theta.numel()):
+            for sign in (1.0, -1.0):
+                trial = theta.clone()
+                trial[k] += sign * step
+                value = loss(trial)
+                if value < best:
+                    best, theta, improved = value, trial, True
+                    break
+        if not improved:
+            step /= 2
+    return grid_of(theta)

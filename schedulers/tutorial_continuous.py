@@ -1,0 +1,155 @@
+"""Continuous time for a discrete-time model: the log-SNR between integer timesteps, step placements, a base class.
+
+A DDPM-trained network knows ᾱ_t only at the integer timesteps t = 0..T-1 of its table. The samplers of the
+score-SDE / probability-flow-ODE family (Song et al. 2021, arXiv:2011.13456; DPM-Solver, Lu et al. 2022,
+arXiv:2206.00927) need a continuous ᾱ(t). Our definition, used by every file that imports this module:
+
+    λ(t) = ½ log SNR(t) is linear in t between consecutive integers (the table's λ_i at integer t = i),
+    ᾱ(t) = sigmoid(2 λ(t)),  t ∈ [0, T-1],  and the model is fed the fractional timestep t itself.
+
+This is exactly diffusers' Euler/Heun convention (`_sigma_to_t` interpolates t linearly in log σ̄, and
+log σ̄ = -λ), so a network already sees such fractional timesteps there. At integer t it is the table itself, so
+an exact model of the table (`GaussianMixture.model`) is also exact for the continuous schedule once it reads ᾱ
+through `tm.alpha_bar_at` (see `continuous_exact_model`). The probability-flow ODE only depends on t through λ, so the
+kinks of λ(t) at integers never reach the solvers: they integrate in λ (or σ̄ = e^{-λ}), where everything is smooth.
+
+The sampled interval is t ∈ [0, T-1]: x_{T-1} ~ N(0, I) at the start, and the last model evaluation, at t = 0,
+returns the denoised x̂_0 (Tweedie's mean, the DDIM step to ᾱ = 1). The reference "exact" sample of a PF-ODE
+sampler is therefore x̂_0(Φ_{T-1→0}(x_{T-1}), 0), Φ the exact ODE flow.
+
+The functions of that definition (`tm.half_log_snr_at`, `tm.timestep_at`, `tm.alpha_bar_at`, `tm.placement_half_log_snrs`,
+`tm.check_custom_grid`) live in `tutorial_math.py`; this file holds the state the continuous samplers share.
+"""
+
+from typing import Optional, Union
+
+import torch
+
+from . import tutorial_math as tm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the continuous-time schedulers share
+# ----------------------------------------------------------------------------------------------------------------
+class TutorialContinuousScheduler:
+    """Mixin: the ᾱ/λ tables, a walk over `self.timesteps` (which may repeat a timestep), and diffusers' helpers.
+
+    Subclasses derive from `SchedulerMixin` and `ConfigMixin`, call `_init_continuous_schedule` in their
+    `@register_to_config` `__init__`, and fill `self.timesteps` in `set_timesteps`. A sampling loop calls `step`
+    once per entry of `self.timesteps`, in order; `self._walk_index` says which entry comes next.
+    """
+
+    init_noise_sigma = 1.0
+    order = 1
+
+    def _init_continuous_schedule(self) -> None:
+        cfg = self.config
+        if not isinstance(cfg.num_train_timesteps, int) or cfg.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={cfg.num_train_timesteps!r} must be an integer >= 2.")
+        tm.check_choice("prediction_type", cfg.prediction_type, tm.PREDICTION_TYPES)
+        if cfg.rescale_betas_zero_snr:
+            raise ValueError(
+                "rescale_betas_zero_snr=True is not supported by the continuous-time samplers: λ_{T-1} = -∞ leaves no "
+                "finite interval to integrate the probability-flow ODE over; allowed: (False,)."
+            )
+        if cfg.thresholding and not 0 < cfg.dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio={cfg.dynamic_thresholding_ratio!r} must lie in (0, 1].")
+        betas = tm.make_betas(
+            cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas
+        )
+        self.alpha_bar = tm.alpha_bar_from_betas(betas)
+        self.half_log_snr = tm.half_log_snr(self.alpha_bar)
+        if not bool((self.half_log_snr[1:] < self.half_log_snr[:-1]).all()):
+            raise ValueError("the schedule's log-SNR must strictly decrease in t (every β_t > 0).")
+        self.betas = betas.float()
+        self.alphas = (1.0 - betas).float()
+        self.alphas_cumprod = self.alpha_bar.float()
+        # ---- mutable state: written only by set_timesteps --------------------------------------------------------
+        self.num_inference_steps: Optional[int] = None
+        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.float64)
+        self._walk_index: Optional[int] = None
+
+    # ---- the continuous schedule -----------------------------------------------------------------------------------
+    def alpha_bar_at(self, t) -> torch.Tensor:
+        """ᾱ(t) for fractional t, the continuous schedule of this module (λ linear between integers)."""
+        return torch.sigmoid(2 * tm.half_log_snr_at(t, self.half_log_snr))
+
+    def _grid_from(self, num_inference_steps, timesteps, rho: float):
+        """The descending float64 timestep grid from T-1 to 0 and its λ values (validated at the door)."""
+        T = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(
+                "set_timesteps: pass exactly one of num_inference_steps and timesteps "
+                f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
+            )
+        if timesteps is not None:
+            grid = tm.check_custom_grid(timesteps, T)
+            return grid, tm.half_log_snr_at(grid, self.half_log_snr)
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 2:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 2.")
+        if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
+            grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
+            return grid, tm.half_log_snr_at(grid, self.half_log_snr)
+        lam = tm.placement_half_log_snrs(num_inference_steps, self.half_log_snr, self.config.step_placement, rho)
+        grid = tm.timestep_at(lam, self.half_log_snr)
+        grid[0], grid[-1] = T - 1, 0.0
+        return grid, lam
+
+    def _next_walk_index(self, timestep) -> int:
+        """Which entry of `self.timesteps` this `step` call serves; checks the loop walks them in order."""
+        if self._walk_index is None:
+            raise ValueError(
+                f"{type(self).__name__}.step was called before set_timesteps; call "
+                "scheduler.set_timesteps(num_inference_steps) first."
+            )
+        t = float(timestep)
+        if self._walk_index < len(self.timesteps) and t == float(self.timesteps[self._walk_index]):
+            index = self._walk_index
+        elif t == float(self.timesteps[0]):
+            index = 0  # a new sampling loop over the same grid
+        else:
+            expected = float(self.timesteps[self._walk_index]) if self._walk_index < len(self.timesteps) else None
+            raise ValueError(
+                f"timestep={t} is not the next entry of scheduler.timesteps (expected {expected}); call step once "
+                "per entry of scheduler.timesteps, in order."
+            )
+        self._walk_index = index + 1
+        return index
+
+    def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float):
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}."
+            )
+        x0, eps = tm.model_output_to_x0_eps(model_output, sample, float(alpha_bar), self.config.prediction_type)
+        if self.config.thresholding:
+            x0 = tm.dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            eps = tm.x0_to_eps(sample, x0, float(alpha_bar))
+        return x0, eps
+
+    # ---- diffusers' helpers ------------------------------------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor, None] = None):
+        """Identity: the state is the VP x_t that the network takes as it is."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """Sample from q(x_t | x_0) = N(√ᾱ(t) x_0, (1 - ᾱ(t)) I) (DDPM eq. (4)), t possibly fractional.
+
+        Args:
+            original_samples (`torch.Tensor`): x_0, shape (B, ...).
+            noise (`torch.Tensor`): ε ~ N(0, I), same shape.
+            timesteps (`torch.Tensor`): t per sample, shape (B,), or a scalar.
+
+        Returns:
+            `torch.Tensor`: x_t.
+        """
+        alpha_bar = self.alpha_bar_at(torch.as_tensor(timesteps).cpu()).to(original_samples.device)
+        return tm.q_sample(original_samples, noise, alpha_bar)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target v = √ᾱ(t) ε - √(1 - ᾱ(t)) x_0 (Salimans & Ho 2022); `sample` is x_0."""
+        alpha_bar = self.alpha_bar_at(torch.as_tensor(timesteps).cpu()).to(sample.device)
+        return tm.velocity(sample, noise, alpha_bar)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

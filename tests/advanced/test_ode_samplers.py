@@ -1,0 +1,177 @@
+"""Deterministic samplers converge to the exact PF-ODE solution at their theoretical order (exact GMM model).
+
+Truth: `GaussianMixture` gives the exact ε at every ᾱ; `GaussianMixture.model` feeds it ᾱ(t) of the continuous
+schedule (λ linear between integer timesteps). The reference is Dormand–Prince at rtol = atol = 1e-10 followed by
+the same final denoising at t = 0 that every sampler ends with, so all samplers share one limit.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from advanced_helpers import diffusers_loop
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from schedulers import TutorialDDIMScheduler
+from schedulers.scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler, tune_timesteps
+from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler, solve_pf_ode
+
+
+def fitted_order(problem, scheduler, grid_sizes):
+    """Least-squares slope of -log(error) against log(number of steps)."""
+    errors = [problem.error(diffusers_loop(scheduler, problem.model, problem.x_T, n), scheduler) for n in grid_sizes]
+    steps = np.log([n - 1 for n in grid_sizes])
+    slope = -np.polyfit(steps, np.log(errors), 1)[0]
+    return slope, errors
+
+
+# (scheduler factory, theoretical order, grid sizes in the asymptotic regime)
+SAMPLERS = {
+    "dpmpp1": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=1), 1, (20, 40, 80)),
+    "dpmpp2": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=2), 2, (20, 40, 80)),
+    "dpmpp3": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=3), 3, (80, 160, 320)),
+    "euler": (lambda c: TutorialPFODEScheduler.from_config(c, solver="euler", step_placement="logsnr"), 1, (20, 40, 80)),
+    "heun": (lambda c: TutorialPFODEScheduler.from_config(c, solver="heun", step_placement="logsnr"), 2, (20, 40, 80)),
+    "rk4": (lambda c: TutorialPFODEScheduler.from_config(c, solver="rk4", step_placement="logsnr"), 4, (10, 20, 40)),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("problem_name", ["ring_problem", "mixture16_problem"])
+def test_converges_at_theoretical_order(name, problem_name, request):
+    problem = request.getfixturevalue(problem_name)
+    factory, order, grid_sizes = SAMPLERS[name]
+    if name == "rk4" and problem_name == "mixture16_problem":
+        grid_sizes = (80, 160, 320)  # the cosine schedule's wide σ̄ range delays RK4's asymptotic regime
+    scheduler = factory(problem.ddpm.config)
+    slope, errors = fitted_order(problem, scheduler, grid_sizes)
+    # The fit is taken where the error is well above the reference's own (< 1e-9).
+    assert min(errors) > 3e-8, errors
+    assert errors[-1] < errors[0]
+    assert abs(slope - order) < 0.35, f"{name}: fitted order {slope:.2f}, theory {order}; errors {errors}"
+
+
+def test_placements_all_converge(ring_problem):
+    """Karras and time-uniform grids converge to the same reference, at order 2 once the grid resolves λ(t).
+
+    A uniform-in-t grid takes one large step in λ near t = 0 (λ grows fast there), so its asymptotic regime starts
+    later; the fit for it uses finer grids.
+    """
+    for placement, sizes in (("karras", (80, 160, 320)), ("time_uniform", (320, 640, 1280))):
+        s = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, step_placement=placement)
+        slope, errors = fitted_order(ring_problem, s, sizes)
+        assert errors[-1] < 1e-3 and slope > 1.6, (placement, slope, errors)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_prediction_types_give_the_same_samples(ring_problem, prediction_type):
+    """An x_0- or v-predicting exact model drives the samplers to the same points as the ε one (float64)."""
+    for cls, kwargs in ((TutorialDPMSolverPlusPlusScheduler, {"solver_order": 3}), (TutorialPFODEScheduler, {})):
+        s_eps = cls.from_config(ring_problem.ddpm.config, **kwargs)
+        s_other = cls.from_config(ring_problem.ddpm.config, prediction_type=prediction_type, **kwargs)
+        other_model = ring_problem.gmm.model(s_other.alpha_bar, prediction_type)
+        x_eps = diffusers_loop(s_eps, ring_problem.model, ring_problem.x_T, 8)
+        x_other = diffusers_loop(s_other, other_model, ring_problem.x_T, 8)
+        torch.testing.assert_close(x_other, x_eps, rtol=1e-9, atol=1e-9)
+
+
+def test_euler_in_sigma_bar_is_ddim_and_dpmpp1_is_ddim(ring_problem):
+    """DDIM eq. (14): deterministic DDIM is Euler in (x/√ᾱ, σ̄); DPM-Solver++ order 1 is DDIM too (Lu et al. 2022b)."""
+    ddim = TutorialDDIMScheduler.from_config(ring_problem.ddpm.config, clip_sample=False)
+    ddim.set_timesteps(timesteps=[999, 666, 333, 0])
+    x = ring_problem.x_T
+    for t in ddim.timesteps:
+        x = ddim.step(ring_problem.model(x, t), t, x).prev_sample
+    for s in (TutorialPFODEScheduler.from_config(ring_problem.ddpm.config, solver="euler", step_placement="time_uniform"),
+              TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, solver_order=1,
+                                                             step_placement="time_uniform")):
+        ours = diffusers_loop(s, ring_problem.model, ring_problem.x_T, 4)
+        assert s.timesteps.tolist() == [999.0, 666.0, 333.0, 0.0]
+        torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
+
+
+def test_adaptive_solver_tolerance_and_evaluation_count(ring_problem):
+    s = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config)
+    reference = ring_problem.reference(s)
+    loose = solve_pf_ode(ring_problem.model, s, ring_problem.x_T, rtol=1e-4, atol=1e-4)
+    tight = solve_pf_ode(ring_problem.model, s, ring_problem.x_T, rtol=1e-7, atol=1e-7)
+    err_loose = ring_problem.error(loose.sample, s)
+    err_tight = ring_problem.error(tight.sample, s)
+    assert err_tight < 1e-5 and err_tight < err_loose / 20, (err_loose, err_tight)
+    assert tight.num_evals > loose.num_evals > 7
+    # The count is the truth: 6 evaluations per attempted step, the FSAL first one, and the final denoising.
+    assert tight.num_evals == 6 * (tight.num_steps + tight.num_rejected) + 2
+    assert reference.shape == ring_problem.x_T.shape
+
+
+def test_loop_contract_and_config_round_trip(ring_problem):
+    """Generic diffusers loop: len(timesteps) = model evaluations; configs convert both ways with DDPM/DDIM."""
+    cfg = ring_problem.ddpm.config
+    for solver, stages in (("euler", 1), ("heun", 2), ("rk4", 4)):
+        s = TutorialPFODEScheduler.from_config(cfg, solver=solver)
+        s.set_timesteps(6)
+        assert len(s.timesteps) == 5 * stages + 1 and s.order == stages
+        assert float(s.timesteps[0]) == 999 and float(s.timesteps[-1]) == 0
+    s = TutorialDPMSolverPlusPlusScheduler.from_config(DDPMScheduler().config)
+    s.set_timesteps(7)
+    assert len(s.timesteps) == 7 and s.config.num_train_timesteps == 1000
+    back = DDIMScheduler.from_config(s.config)
+    assert back.config.beta_schedule == "linear" and back.config.prediction_type == "epsilon"
+    # A second loop over the same grid restarts cleanly and gives the same result.
+    a = diffusers_loop(s, ring_problem.model, ring_problem.x_T, 7)
+    x = ring_problem.x_T
+    for t in s.timesteps:
+        x = s.step(ring_problem.model(x, t), t, x).prev_sample
+    torch.testing.assert_close(x, a, rtol=0, atol=0)
+    assert math.isfinite(float(x.sum()))
+
+
+def test_continuous_model_matches_the_table_at_integers(ring_problem):
+    table_model = ring_problem.gmm.model(ring_problem.ddpm.alpha_bar, "epsilon")
+    for t in (0, 17, 500, 999):
+        torch.testing.assert_close(ring_problem.model(ring_problem.x_T, torch.tensor(t)),
+                                   table_model(ring_problem.x_T, torch.tensor(t)), rtol=0, atol=0)
+
+
+def test_tuned_placement_beats_logsnr_on_held_out_noise(ring_problem):
+    """tune_timesteps fits the grid on calibration noise; on other noise it is still far closer to the reference."""
+    s = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, solver_order=2)
+    calibration = torch.randn(32, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    grid = tune_timesteps(s, ring_problem.model, calibration, 6, sweeps=6)
+    assert grid[0] == 999 and grid[-1] == 0 and len(grid) == 6 and all(b < a for a, b in zip(grid, grid[1:]))
+    untuned = ring_problem.error(diffusers_loop(s, ring_problem.model, ring_problem.x_T, 6), s)
+    s.set_timesteps(timesteps=grid)
+    x = ring_problem.x_T
+    for t in s.timesteps:
+        x = s.step(ring_problem.model(x, t), t, x).prev_sample
+    tuned = ring_problem.error(x, s)
+    assert tuned < untuned / 3, (tuned, untuned)
+    with pytest.raises(ValueError, match=r"num_inference_steps=2 must be an integer >= 3 to tune"):
+        tune_timesteps(s, ring_problem.model, calibration, 2)
+
+
+def test_add_noise_and_velocity_follow_the_continuous_schedule(ring_problem):
+    """At integer t they equal DDPM's (the table); at fractional t they use ᾱ(t) = sigmoid(2 λ(t))."""
+    s = TutorialPFODEScheduler.from_config(ring_problem.ddpm.config)
+    x0, eps = ring_problem.x_T[:4], ring_problem.x_T[4:8]
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(s.add_noise(x0, eps, t), ring_problem.ddpm.add_noise(x0, eps, t))
+    torch.testing.assert_close(s.get_velocity(x0, eps, t), ring_problem.ddpm.get_velocity(x0, eps, t))
+    lam = s.half_log_snr
+    t_half = torch.tensor([10.5])
+    alpha_bar = torch.sigmoid(lam[10] + lam[11])  # λ(10.5) is the mean of λ_10 and λ_11; ᾱ = sigmoid(2λ)
+    torch.testing.assert_close(s.add_noise(x0[:1], eps[:1], t_half),
+                               alpha_bar.sqrt() * x0[:1] + (1 - alpha_bar).sqrt() * eps[:1])
+
+
+def test_thresholding_keeps_the_output_in_range(ring_problem):
+    """Dynamic thresholding (Imagen) acts on x̂_0, so the final denoised sample lies in [-1, 1]."""
+    from schedulers.gaussian_mixture import GaussianMixture
+
+    wide = GaussianMixture.ring(radius=2.0)
+    model = wide.model(ring_problem.ddpm.alpha_bar)
+    plain = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config)
+    clipped = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, thresholding=True)
+    assert float(diffusers_loop(plain, model, ring_problem.x_T, 8).abs().max()) > 1.5
+    assert float(diffusers_loop(clipped, model, ring_problem.x_T, 8).abs().max()) <= 1.0 + 1e-12
