@@ -1,0 +1,21 @@
+"""DiffusionPipelines around a UNet2DModel, generic over schedulers, that save into self-contained folders."""
+
+import schedulers  # noqa: F401  (our scheduler classes must be imported for `from_pretrained` without remote code)
+
+from .pipeline_tutorial_class_conditional import TutorialClassConditionalPipeline
+from .pipeline_tutorial_ddim_inversion import TutorialDDIMInversionPipeline, TutorialInversionOutput, slerp
+from .pipeline_tutorial_repaint import TutorialRePaintPipeline
+from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
+from .tutorial_pipeline_utils import OUTPUT_TYPES, TutorialPipelineBase, TutorialPipelineOutput
+
+__all__ = [
+    "OUTPUT_TYPES",
+    "TutorialClassConditionalPipeline",
+    "TutorialDDIMInversionPipeline",
+    "TutorialInversionOutput",
+    "TutorialPipelineBase",
+    "TutorialPipelineOutput",
+    "TutorialRePaintPipeline",
+    "TutorialUnconditionalPipeline",
+    "slerp",
+]
