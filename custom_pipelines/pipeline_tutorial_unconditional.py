@@ -9,7 +9,8 @@ This file is shipped inside saved pipeline folders: it imports only torch, diffu
 `tutorial_pipeline_utils.py`.
 """
 
-from typing import Callable, Dict, List, Optional, Union
+import importlib
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
@@ -112,3 +113,56 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
             pred_original_samples=pred_x0s if return_trajectory else None,
             timesteps=timestep_list,
         )
+
+    # ---- likelihood: the tutorial's ELBO and the exact probability-flow-ODE likelihood --------------------------------
+    # The math lives in `custom_pipelines/tutorial_likelihood.py`, loaded on first use through importlib, so a folder
+    # shipped with this file still loads where only diffusers is installed (likelihoods then need this package).
+    def _likelihood_args(self):
+        likelihood = importlib.import_module("custom_pipelines.tutorial_likelihood")
+        schedule = self.scheduler
+        if getattr(schedule, "alpha_bar", None) is None:  # a diffusers scheduler: read its config with ours
+            schedule = importlib.import_module("schedulers").TutorialDDPMScheduler.from_config(self.scheduler.config)
+
+        def model(x_t: torch.Tensor, t) -> torch.Tensor:
+            t = torch.as_tensor(t, device=x_t.device)
+            return self.unet(x_t.to(self.unet.dtype), t).sample.to(x_t.dtype)
+
+        return likelihood, model, schedule
+
+    @torch.no_grad()
+    def variational_bound(self, images: torch.Tensor, num_steps: Optional[int] = None, **kwargs):
+        """The variational bound on -log p_θ(x_0) in bits/dim, with its terms (DDPM eq. (5); improved DDPM Sec. 3).
+
+        Args:
+            images (`torch.Tensor`): x_0 in [-1, 1], shape (B, C, H, W) (8-bit data for the default discretized
+                decoder).
+            num_steps (`int`, *optional*): respaced grid size K (all T steps if not given).
+            **kwargs: `decoder`, `value_range`, `generator` of `tutorial_likelihood.variational_bound`.
+
+        Returns:
+            `VariationalBound` (per-sample bits/dim and the prior, per-step KL and decoder terms).
+        """
+        likelihood, model, schedule = self._likelihood_args()
+        images = images.to(self._execution_device)
+        return likelihood.variational_bound(model, schedule, images, num_steps=num_steps, **kwargs)
+
+    @torch.no_grad()
+    def variational_bound_dataset(self, batches: Iterable[torch.Tensor], **kwargs):
+        """`variational_bound` averaged over an iterable of image batches (the dataset-level ELBO in bits/dim)."""
+        likelihood, model, schedule = self._likelihood_args()
+        return likelihood.variational_bound_dataset(model, schedule, batches, **kwargs)
+
+    def log_likelihood(self, images: torch.Tensor, **kwargs):
+        """The exact log-likelihood through the probability-flow ODE (instantaneous change of variables), in bits/dim.
+
+        Args:
+            images (`torch.Tensor`): x in [-1, 1], shape (B, C, H, W).
+            **kwargs: `trace` (`"exact"` or `"hutchinson"`), `probe`, `num_probes`, `rtol`, `atol`, `max_evals`,
+                `dequantize` (8-bit images: +7 bits/dim offset), `generator` of
+                `tutorial_likelihood.ode_log_likelihood`.
+
+        Returns:
+            `ODELikelihood` (per-sample log-likelihood, bits/dim and the number of model evaluations).
+        """
+        likelihood, model, schedule = self._likelihood_args()
+        return likelihood.ode_log_likelihood(model, schedule, images.to(self._execution_device), **kwargs)

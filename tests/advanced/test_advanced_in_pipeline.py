@@ -78,3 +78,30 @@ def test_likelihoods_run_on_a_float32_unet(unet):
     assert not vb.nats.requires_grad and bool(torch.isfinite(vb.nats).all())
     # every KL term and the prior term are >= 0; the discretized decoder is a probability, so its NLL is >= 0 too
     assert bool((vb.steps >= 0).all() and (vb.prior >= 0).all() and (vb.decoder >= 0).all())
+
+
+def test_pipeline_likelihood_methods_equal_the_functions(unet):
+    """`pipe.variational_bound` / `pipe.log_likelihood` are the library functions on the pipeline's own UNet and
+    schedule; with a diffusers scheduler the schedule is read from its config."""
+    from diffusers import DDIMScheduler
+
+    from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
+
+    def model(x, t):
+        return unet(x, t).sample
+
+    x = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    ddpm = TutorialDDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    for scheduler in (ddpm, DDIMScheduler.from_config(ddpm.config)):
+        pipe = TutorialUnconditionalPipeline(unet=unet, scheduler=scheduler)
+        got = pipe.variational_bound(x, num_steps=6, generator=torch.Generator().manual_seed(2))
+        want = variational_bound(model, ddpm, x, num_steps=6, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(got.bits_per_dim, want.bits_per_dim)
+        torch.testing.assert_close(got.steps, want.steps)
+    kwargs = dict(trace="hutchinson", rtol=1e-3, atol=1e-3)
+    got = pipe.log_likelihood(x, generator=torch.Generator().manual_seed(3), **kwargs)
+    want = ode_log_likelihood(model, ddpm, x, generator=torch.Generator().manual_seed(3), **kwargs)
+    torch.testing.assert_close(got.bits_per_dim, want.bits_per_dim)
+    assert got.num_evals == want.num_evals
+    dataset = pipe.variational_bound_dataset([x[:1], x[1:]], num_steps=6, generator=torch.Generator().manual_seed(4))
+    assert math.isfinite(float(dataset.bits_per_dim))
