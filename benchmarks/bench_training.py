@@ -1,0 +1,275 @@
+"""Training speed and quality: this project's script vs diffusers' `train_unconditional.py` logic, same UNet, same data.
+
+    python benchmarks/bench_training.py                  # throughput + memory (~2 min on 2 CPUs)
+    python benchmarks/bench_training.py --quality        # also time-to-quality (~15 min on 2 CPUs)
+
+"Theirs" re-creates the training loop of diffusers' examples/unconditional_image_generation/train_unconditional.py
+(0.42.x) without torchvision: a `datasets.Dataset` whose transform decodes, resizes and normalises every image on
+every access, `shuffle=True`, `DDPMScheduler.add_noise`, ε-prediction MSE, `accelerator.accumulate`, gradient
+clipping, EMA every step, and that script's defaults (lr 1e-4, 500 warmup steps, cosine, AdamW β1 = 0.95,
+EMA inv_gamma 1, power 3/4, max decay 0.9999). "Ours" runs `training/train_unconditional.py` with its defaults.
+Both train the project's default UNet (16x16, 1 channel) on the training split of the built-in digits.
+
+Each measurement runs in its own subprocess (clean peak memory: ru_maxrss) on BENCH_THREADS torch threads (default
+1: on a shared 2-core machine two intra-op threads under contention ran 6-10x slower for both sides). Throughput is
+the wall time of the training loop, data loading included, start-up and evaluation excluded. Time-to-quality is the wall time until
+the digits Fréchet distance of 256 EMA samples (DDIM, 50 steps; evaluation time excluded) falls below `--threshold`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Theirs: diffusers' train_unconditional.py loop, re-created
+# ----------------------------------------------------------------------------------------------------------------
+def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0) -> dict:
+    import datasets
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from training.data import digits_split_indices
+    from training.train_unconditional import default_unet_config
+
+    torch.manual_seed(seed)
+    digits = load_digits()
+    idx = digits_split_indices("train")
+    pil = [Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)) for i in idx]  # 8x8 PNG-like inputs
+    ds = datasets.Dataset.from_dict({"image": pil}, features=datasets.Features({"image": datasets.Image()}))
+
+    def transforms(examples):  # Resize(bilinear) + CenterCrop + ToTensor + Normalize([0.5], [0.5]), per access
+        out = []
+        for image in examples["image"]:
+            image = image.convert("L").resize((16, 16), Image.BILINEAR)
+            out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None] * 2 - 1)
+        return {"input": out}
+
+    ds.set_transform(transforms)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+    model = UNet2DModel(**default_unet_config(16, 1, None))
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=steps)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+
+    step, eval_seconds, reached = 0, 0.0, None
+    history = []
+    start = time.perf_counter()  # wall time of the loop, data loading included, evaluation excluded
+    while step < steps:
+        for batch in loader:
+            clean = batch["input"]
+            noise = torch.randn(clean.shape, device=clean.device)
+            t = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
+            noisy = noise_scheduler.add_noise(clean, noise, t)
+            with accelerator.accumulate(model):
+                loss = F.mse_loss(model(noisy, t).sample, noise)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                ema.step(model.parameters())
+                optimizer.zero_grad()
+            step += 1
+            if eval_every and step % eval_every == 0:
+                t0 = time.perf_counter()
+                fd = _fd_of_ema(accelerator.unwrap_model(model), ema, noise_scheduler.config)
+                eval_seconds += time.perf_counter() - t0
+                train_seconds = time.perf_counter() - start - eval_seconds
+                history.append({"step": step, "train_seconds": train_seconds, "frechet_distance": fd})
+                if reached is None and fd < threshold:
+                    reached = train_seconds
+                    break
+            if step >= steps:
+                break
+        if reached is not None:
+            break
+    train_seconds = time.perf_counter() - start - eval_seconds
+    return {
+        "steps": step,
+        "images": step * 64,
+        "train_seconds": train_seconds,
+        "images_per_s": step * 64 / train_seconds,
+        "time_to_quality_s": reached,
+        "history": history,
+    }
+
+
+def _fd_of_ema(unet, ema, scheduler_config) -> float:
+    import torch
+
+    from schedulers import TutorialDDIMScheduler
+    from training.evaluate import digits_metrics, sample_sharded
+
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    with torch.no_grad():
+        samples = sample_sharded(unet, TutorialDDIMScheduler.from_config(scheduler_config), 256, 50, seed=0)
+    unet.train()
+    ema.restore(unet.parameters())
+    return digits_metrics(samples)["frechet_distance"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ours: the project's script, defaults
+# ----------------------------------------------------------------------------------------------------------------
+def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0) -> dict:
+    from training import train_unconditional as tu
+
+    out = tempfile.mkdtemp(prefix="bench-ours-")
+    argv = [
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        str(steps),
+        "--logger",
+        "none",
+        "--seed",
+        str(seed),
+        "--checkpointing_steps",
+        "100000",
+        "--eval_num_samples",
+        "256",
+        "--eval_batch_size",
+        "64",
+    ]
+    if eval_every:
+        argv += ["--eval_every_steps", str(eval_every)]
+    state = {"reached": None, "start": None}
+    eval_seconds, end = [0.0], [None]
+    real_evaluate, real_loss = tu.evaluate_now, tu.diffusion_loss
+
+    def timed_loss(*args, **kwargs):  # the clock starts at the first step, as theirs does (start-up excluded)
+        if state["start"] is None:
+            state["start"] = time.perf_counter()
+        return real_loss(*args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        t0 = time.perf_counter()
+        metrics, samples = real_evaluate(*args, **kwargs)
+        if end[0] is None:  # evaluations inside the loop are excluded; the final one is after the clock stops
+            eval_seconds[0] += time.perf_counter() - t0
+        fd = metrics.get("frechet_distance")
+        if fd is not None and state["reached"] is None and fd < threshold and "name" not in kwargs:
+            state["reached"] = time.perf_counter() - state["start"] - eval_seconds[0]
+        return metrics, samples
+
+    tu.evaluate_now, tu.diffusion_loss = timed_evaluate, timed_loss
+    stop = (lambda step: state["reached"] is not None) if eval_every else (lambda step: False)
+    real_save = tu.save_checkpoint
+
+    def clocked_save(*args, **kwargs):  # the loop ends where the final checkpoint starts
+        end[0] = end[0] or time.perf_counter()
+        return real_save(*args, **kwargs)
+
+    tu.save_checkpoint = clocked_save
+    result = tu.main(argv, should_stop=stop)
+    total = end[0] - state["start"] - eval_seconds[0]
+    with open(os.path.join(out, "metrics.json")) as f:
+        history = json.load(f)["history"]
+    step = result["global_step"]
+    return {
+        "steps": step,
+        "images": step * 64,
+        "train_seconds": total,
+        "images_per_s": step * 64 / total,
+        "time_to_quality_s": state["reached"],
+        "history": [{"step": h["step"], "frechet_distance": h["frechet_distance"]} for h in history],
+    }
+
+
+def child(which: str, steps: int, eval_every: int, threshold: float) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    result = (run_ours if which == "ours" else run_theirs)(steps, eval_every, threshold)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def measure(which: str, steps: int, eval_every: int, threshold: float) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        which,
+        "--steps",
+        str(steps),
+        "--eval_every",
+        str(eval_every),
+        "--threshold",
+        str(threshold),
+    ]
+    res = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=150, help="Updates of 64 images for the throughput run.")
+    p.add_argument("--quality", action="store_true", help="Also measure time-to-quality (slow).")
+    p.add_argument("--quality_steps", type=int, default=2000, help="Give up after this many updates.")
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--threshold", type=float, default=100.0, help="Fréchet distance that counts as 'digits'.")
+    p.add_argument("--output", default=None, help="Also write the full report (with histories) as JSON here.")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args.steps, args.eval_every, args.threshold)
+
+    report = {}
+    for which in ("theirs", "ours"):
+        report[which] = measure(which, args.steps, 0, args.threshold)
+        print(
+            f"{which:6s} {report[which]['images_per_s']:7.1f} images/s  peak RSS "
+            f"{report[which]['peak_rss_mb']:6.0f} MB"
+        )
+    ratio = report["ours"]["images_per_s"] / report["theirs"]["images_per_s"]
+    print(f"throughput ratio ours / theirs: {ratio:.2f}")
+    report["throughput_ratio"] = ratio
+    if args.quality:
+        for which in ("theirs", "ours"):
+            q = measure(which, args.quality_steps, args.eval_every, args.threshold)
+            report[f"{which}_quality"] = q
+            print(
+                f"{which:6s} time to Fréchet distance < {args.threshold}: {q['time_to_quality_s']} s "
+                f"(history: {[(h['step'], round(h['frechet_distance'], 1)) for h in q['history']]})"
+            )
+        t_ours, t_theirs = report["ours_quality"]["time_to_quality_s"], report["theirs_quality"]["time_to_quality_s"]
+        if t_ours and t_theirs:
+            print(f"time-to-quality ratio ours / theirs: {t_ours / t_theirs:.2f}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

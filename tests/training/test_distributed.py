@@ -1,0 +1,86 @@
+"""`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: two processes talking over gloo.
+
+On a machine without GPUs, accelerate 1.15 needs `ACCELERATE_USE_CPU=1` next to `--multi_gpu` (without it each
+process trains alone; `--cpu --multi_gpu` is refused). `--main_process_port 0` picks a free port.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from training.data import load_digits_tensors
+
+from .conftest import ROOT, read_losses, subprocess_env, tiny_args
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
+
+
+def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_config):
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    argv = tiny_args(
+        tiny_config, out, "--max_train_steps", 4, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 2
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        WORKER,
+        *argv,
+    ]
+    res = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(ACCELERATE_USE_CPU="1", DIST_DUMP=str(dump)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["num_processes"] == r1["num_processes"] == 2
+
+    # Gradients were averaged: the weights and the EMA are identical on both ranks (and trained).
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    assert all(torch.equal(a, b) for a, b in zip(r0["ema"], r1["ema"]))
+
+    # Each rank saw different images; in the first epoch (4 micro-batches of 8 per rank) together all 64, once.
+    data, _ = load_digits_tensors(8, "train")
+    expected = sorted(data[:64].flatten(1).sum(1).tolist())
+    first_epoch = torch.cat(r0["seen"][:4] + r1["seen"][:4]).tolist()
+    assert sorted(first_epoch) == expected and len(r0["seen"]) == len(r1["seen"]) == 8
+
+    # The effective batch: 8 per process x 2 processes x 2 accumulation steps = 32 images per update.
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["effective_batch_size"] == 32 and metrics["images_seen"] == 4 * 32
+    assert sorted(read_losses(out)) == [1, 2, 3, 4]
+
+    # Sampling for evaluation is sharded and gathered: the same samples as one process drawing all of them.
+    torch.testing.assert_close(r0["sharded"], r0["serial"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(r1["sharded"], r0["serial"], atol=1e-5, rtol=0)
+
+    # Only the main process writes files (Python-level writes recorded on rank 1: none in the output folder);
+    # accelerate's per-rank RNG state is the one file rank 1 contributes to a checkpoint (written by torch in C++).
+    rank1_files = [p for p in r1["written"] if p.startswith(str(out))]
+    assert all(os.path.basename(p) == "random_states_1.pkl" for p in rank1_files)
+    assert sorted(os.listdir(out / "checkpoint-4")) == sorted(os.listdir(out / "checkpoint-2"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= set(os.listdir(out / "checkpoint-4"))
+    assert [os.path.basename(p) for p in sorted(os.listdir(out)) if p.startswith("checkpoint-")] == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]

@@ -1,0 +1,86 @@
+"""The digits metrics: the Fréchet distance is right, and it ranks real digits far above noise and untrained models."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from schedulers import TutorialDDIMScheduler
+from training import evaluate
+from training.data import load_digits_tensors
+
+from .conftest import TINY_UNET
+
+
+def test_frechet_distance_matches_scipy_and_the_gaussian_closed_form():
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=g) @ torch.randn(5, 5, generator=g)
+    b = torch.randn(300, 5, generator=g) * 2 + 1
+    mu_a, mu_b = a.double().mean(0).numpy(), b.double().mean(0).numpy()
+    ca, cb = np.cov(a.double().numpy(), rowvar=False), np.cov(b.double().numpy(), rowvar=False)
+    reference = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    assert evaluate.frechet_distance(a, b) == pytest.approx(reference, rel=1e-8)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_shipped_classifier_is_small_and_accurate_on_held_out_digits():
+    assert os.path.getsize(evaluate.CLASSIFIER_WEIGHTS) < 300_000
+    for resolution in (8, 16, 32):
+        x, y = load_digits_tensors(resolution, "test")
+        accuracy = (evaluate.load_classifier()(x).argmax(-1) == y).float().mean()
+        assert accuracy > 0.95, (resolution, accuracy)
+
+
+def test_metric_ranks_real_digits_far_above_noise_and_an_untrained_model():
+    real_train, _ = load_digits_tensors(16, "train")  # real digits the reference set (held-out split) never saw
+    real = evaluate.digits_metrics(real_train[:400])
+    noise = evaluate.digits_metrics(torch.rand(400, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    unet = UNet2DModel(**{**{k: v for k, v in TINY_UNET.items() if k != "_class_name"}, "sample_size": 16})
+    untrained = evaluate.digits_metrics(evaluate.sample_sharded(unet.eval(), TutorialDDIMScheduler(), 400, 5))
+    assert real["frechet_distance"] * 20 < noise["frechet_distance"]
+    assert real["frechet_distance"] * 20 < untrained["frechet_distance"]
+    assert real["class_coverage"] == 1.0 and real["mean_confidence"] > 0.9
+    assert sum(real["class_histogram"]) == 400 and real["classifier_test_accuracy"] > 0.95
+    constant = evaluate.digits_metrics(torch.zeros(40, 1, 16, 16) - 1)
+    assert constant["class_coverage"] == 0.1  # every sample lands in one class
+
+
+def test_cli_evaluates_a_saved_folder_with_any_scheduler(tmp_path):
+    from custom_pipelines import TutorialUnconditionalPipeline
+
+    unet = UNet2DModel(**{k: v for k, v in TINY_UNET.items() if k != "_class_name"})
+    TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    metrics = evaluate.main(
+        [
+            str(tmp_path / "pipe"),
+            "--scheduler",
+            "diffusers-ddim",
+            "--num_inference_steps",
+            "3",
+            "--num_samples",
+            "20",
+            "--output",
+            str(tmp_path / "m.json"),
+            "--grid",
+            str(tmp_path / "g.png"),
+        ]
+    )
+    assert metrics["scheduler"] == "DDIMScheduler" and metrics["num_samples"] == 20
+    with open(tmp_path / "m.json") as f:
+        assert json.load(f)["frechet_distance"] == metrics["frechet_distance"]
+    assert (tmp_path / "g.png").exists()
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "nope")])
+
+
+def test_sharded_sampling_does_not_depend_on_batching():
+    unet = UNet2DModel(**{k: v for k, v in TINY_UNET.items() if k != "_class_name"}).eval()
+    whole = evaluate.sample_sharded(unet, TutorialDDIMScheduler(), 6, 3, seed=1)
+    pieces = evaluate.sample_sharded(unet, TutorialDDIMScheduler(), 6, 3, seed=1, batch_size=4)
+    torch.testing.assert_close(whole, pieces, atol=1e-5, rtol=0)
+    assert not torch.allclose(whole[0], whole[1])

@@ -1,0 +1,42 @@
+"""The shipped digits model samples recognisable digits instantly; the demo writes its grids, comparison and metrics."""
+
+import json
+import os
+
+from diffusers import UNet2DModel
+
+from custom_pipelines import TutorialUnconditionalPipeline
+from schedulers import TutorialDDIMScheduler
+from training import demo, evaluate
+
+from .conftest import ROOT, TINY_UNET
+
+PRETRAINED = ROOT / "training" / "pretrained" / "digits-ddpm"
+
+
+def test_shipped_model_is_small_and_samples_digits_with_ddim_10_steps():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED) for f in fs)
+    assert size < 5_000_000
+    card = (PRETRAINED / "README.md").read_text()
+    assert "accelerate launch training/train_unconditional.py" in card
+    pipe = TutorialUnconditionalPipeline.from_pretrained(str(PRETRAINED))
+    ddim = TutorialDDIMScheduler.from_config(pipe.scheduler.config)
+    samples = evaluate.sample_sharded(pipe.unet.eval(), ddim, 128, 10, seed=0)
+    metrics = evaluate.digits_metrics(samples)
+    # Real held-out digits score ~40-50 at this sample size, noise and untrained models > 500 (test_evaluate.py).
+    assert metrics["frechet_distance"] < 150, metrics
+    assert metrics["class_coverage"] >= 0.9 and metrics["mean_confidence"] > 0.8, metrics
+
+
+def test_demo_writes_grids_comparison_and_metrics_for_three_samplers(tmp_path):
+    unet = UNet2DModel(**{k: v for k, v in TINY_UNET.items() if k != "_class_name"})
+    TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler()).save_pretrained(tmp_path / "model")
+    report = demo.main(
+        ["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "demo"), "--num_samples", "4"]
+    )
+    assert set(report) == {"ddpm-1000", "ddim-50", "ddim-10"}
+    for name in report:
+        assert (tmp_path / "demo" / f"{name}.png").exists() and report[name]["num_samples"] == 4
+    assert (tmp_path / "demo" / "comparison.png").exists()
+    with open(tmp_path / "demo" / "metrics.json") as f:
+        assert json.load(f)["ddim-10"]["frechet_distance"] == report["ddim-10"]["frechet_distance"]
