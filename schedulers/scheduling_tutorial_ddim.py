@@ -70,10 +70,10 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         rescale_betas_zero_snr: bool = False,
     ):
         self._init_schedule()
-        # ᾱ of the level "x_0" that the last step lands on (DDIM App. C: ᾱ_0 := 1).
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.final_alpha_cumprod = torch.tensor(self._final_alpha_bar(), dtype=torch.float32)  # diffusers' name
 
     def _final_alpha_bar(self) -> float:
+        # ᾱ of the level "x_0" that the last step lands on (DDIM App. C: ᾱ_0 := 1), or ᾱ of t = 0.
         return 1.0 if self.config.set_alpha_to_one else float(self.alpha_bar[0])
 
     def _tabulate(self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict:

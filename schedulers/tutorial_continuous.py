@@ -77,11 +77,7 @@ class TutorialContinuousScheduler:
     def _grid_from(self, num_inference_steps, timesteps, rho: float):
         """The descending float64 timestep grid from T-1 to 0 and its λ values (validated at the door)."""
         T = self.config.num_train_timesteps
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(
-                "set_timesteps: pass exactly one of num_inference_steps and timesteps "
-                f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
-            )
+        tm.check_steps_or_timesteps(num_inference_steps, timesteps)
         if timesteps is not None:
             grid = tm.check_custom_grid(timesteps, T)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)

@@ -301,8 +301,11 @@ def evaluate_folder(
     seed: int = 0,
     guidance_scale: float = 2.0,
     grid_path: Optional[str] = None,
+    likelihood_samples: int = 0,
+    elbo_steps: int = 100,
+    ode_tolerance: float = 1e-3,
 ) -> Dict:
-    """Sample from a saved pipeline folder and compute `digits_metrics`.
+    """Sample from a saved pipeline folder and compute `digits_metrics` (and, if asked, `likelihood_metrics`).
 
     Args:
         folder (`str`): a folder written by `TutorialUnconditionalPipeline.save_pretrained`.
@@ -311,6 +314,8 @@ def evaluate_folder(
         seed (`int`): sample i uses seed `seed * 1_000_003 + i`.
         guidance_scale (`float`): CFG scale for class-conditional UNets.
         grid_path (`str`, *optional*): also write the first 64 samples as a grid there.
+        likelihood_samples (`int`): with N > 0, also `likelihood_metrics` of N held-out digits (`elbo_steps`,
+            `ode_tolerance`).
 
     Returns:
         `dict`: the metrics plus `scheduler`, `num_inference_steps`, `seconds`.
@@ -344,12 +349,15 @@ def evaluate_folder(
     seconds = time.perf_counter() - tic
     if grid_path:
         save_grid(samples[:64], grid_path, scale=4)
-    return {
+    metrics = {
         "scheduler": type(sched).__name__,
         "num_inference_steps": num_inference_steps,
         "seconds": seconds,
         **digits_metrics(samples, labels),
     }
+    if likelihood_samples:
+        metrics.update(likelihood_metrics(pipe, likelihood_samples, elbo_steps, ode_tolerance, seed))
+    return metrics
 
 
 def likelihood_metrics(pipe, num_images: int, vb_steps: int = 100, ode_tolerance: float = 1e-3, seed: int = 0) -> Dict:
@@ -414,13 +422,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             args.seed,
             args.guidance_scale,
             args.grid,
+            args.likelihood_samples,
+            args.elbo_steps,
+            args.ode_tolerance,
         )
-        if args.likelihood_samples:
-            from custom_pipelines import TutorialUnconditionalPipeline
-
-            pipe = TutorialUnconditionalPipeline.from_pretrained(args.folder)
-            metrics.update(likelihood_metrics(pipe, args.likelihood_samples, args.elbo_steps, args.ode_tolerance,
-                                              args.seed))
     except ValueError as err:
         p.error(str(err))
     text = json.dumps(metrics, indent=2)

@@ -86,11 +86,7 @@ class TutorialDiscreteScheduler:
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[int]`, *optional*): a custom strictly descending grid inside [0, num_train_timesteps).
         """
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(
-                "set_timesteps: pass exactly one of num_inference_steps and timesteps "
-                f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
-            )
+        tm.check_steps_or_timesteps(num_inference_steps, timesteps)
         custom = None if timesteps is None else tuple(timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)
         key = (num_inference_steps, custom)
         state = self._grid_cache.get(key)

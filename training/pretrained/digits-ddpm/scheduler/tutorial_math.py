@@ -378,6 +378,15 @@ def successor_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
     return torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
 
 
+def check_steps_or_timesteps(num_inference_steps, timesteps) -> None:
+    """`set_timesteps` takes exactly one of a step count and a custom grid; raise `ValueError` otherwise."""
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError(
+            "set_timesteps: pass exactly one of num_inference_steps and timesteps "
+            f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
+        )
+
+
 def validate_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> torch.Tensor:
     """Check a user-given grid: integers, strictly descending, inside [0, T-1]; return it as int64."""
     grid = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps)
