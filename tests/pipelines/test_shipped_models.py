@@ -1,0 +1,51 @@
+"""Both committed pipelines under training/pretrained/ load in a fresh process with diffusers alone
+(`trust_remote_code=True`, our packages blocked) and produce the same images as our classes do in this process."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+
+PRETRAINED = Path(__file__).resolve().parents[2] / "training" / "pretrained"
+CASES = {
+    "digits-ddpm": (TutorialUnconditionalPipeline, {"batch_size": 3}),
+    "digits-cfg": (TutorialClassConditionalPipeline, {"class_labels": [0, 4, 7], "guidance_scale": 2.0}),
+}
+STEPS = 5
+
+ONLY_DIFFUSERS = """
+import json, sys, torch
+from diffusers import DiffusionPipeline
+res = {}
+for name, kwargs in CASES:
+    pipe = DiffusionPipeline.from_pretrained(PRETRAINED + "/" + name, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt",
+                  **kwargs).images
+    res[name] = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                 "images": images.flatten().tolist()}
+res["our_modules_imported"] = sorted(m for m in sys.modules if m.split(".")[0] in ("schedulers", "custom_pipelines"))
+print("RESULT:" + json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_shipped_folder_loads_with_diffusers_alone_and_matches_our_classes(name, tmp_path, fresh_python):
+    cls, kwargs = CASES[name]
+    script = (
+        ONLY_DIFFUSERS.replace("PRETRAINED", repr(str(PRETRAINED)))
+        .replace("CASES", repr([(name, kwargs)]))
+        .replace("STEPS", str(STEPS))
+    )
+    res = fresh_python(script, tmp_path, block_our_packages=True)
+    assert res["our_modules_imported"] == []
+    assert res[name]["pipeline"] == cls.__name__ and res[name]["scheduler"] == "TutorialDDIMScheduler"
+
+    pipe = cls.from_pretrained(str(PRETRAINED / name))
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt", **kwargs)
+    theirs = torch.tensor(res[name]["images"]).reshape(ours.images.shape)
+    assert ours.images.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(theirs, ours.images, atol=1e-6, rtol=0)

@@ -1,0 +1,499 @@
+"""The noise-schedule math every sampler of this project shares, as pure tensor functions.
+
+References: DDPM, Ho et al. 2020 (arXiv:2006.11239); DDIM, Song et al. 2020 (arXiv:2010.02502);
+improved DDPM, Nichol & Dhariwal 2021 (arXiv:2102.09672); zero-terminal SNR, Lin et al. 2023
+(arXiv:2305.08891); progressive distillation / v-parameterisation, Salimans & Ho 2022 (arXiv:2202.00512);
+score SDE, Song et al. 2021 (arXiv:2011.13456); Imagen's dynamic thresholding, Saharia et al. 2022
+(arXiv:2205.11487).
+
+Glossary: one symbol, one spelling, everywhere in this repository.
+
+    symbol              identifier          meaning
+    β_t                 beta                per-step noise variance of q(x_t | x_{t-1})
+    α_t = 1 - β_t       alpha               per-step signal retention (never ᾱ!)
+    ᾱ_t = Π_s α_s       alpha_bar           cumulative signal retention; diffusers calls it ``alphas_cumprod``
+    ᾱ_{t'}              alpha_bar_prev      ᾱ at the grid's next (less noisy) timestep t' < t
+    √ᾱ_t                sqrt(alpha_bar)     mean coefficient of q(x_t | x_0)
+    σ_t = √(1 - ᾱ_t)    sigma               standard deviation of q(x_t | x_0)
+    SNR_t = ᾱ/(1 - ᾱ)   snr                 signal-to-noise ratio
+    log SNR_t           log_snr
+    λ_t = ½ log SNR_t   half_log_snr        the "λ" of DPM-Solver = log(√ᾱ_t / σ_t)
+    ε                   eps                 the standard Gaussian noise in x_t = √ᾱ_t x_0 + σ_t ε
+    x̂_0                 x0                  (predicted) clean sample
+    v = √ᾱ ε - σ x_0    v                   velocity
+    ∇ log q_t(x_t)      score               = -ε / σ_t
+
+Everything here is computed in float64 (schedules) and cast to the caller's dtype at the boundary.
+Torch only: no diffusers, no pipelines, no training code.
+"""
+
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Allowed values. Dispatch and error messages both read these tuples (validate at the door).
+# ----------------------------------------------------------------------------------------------------------------
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+# The cap on β_t for schedules defined through ᾱ(t) (improved DDPM, Sec. 3.2): keeps β_t < 1 near t = T.
+MAX_BETA = 0.999
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    """Raise `ValueError` naming the argument, its value and the allowed values unless `value in allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {tuple(allowed)}.")
+
+
+def expand_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sample coefficient against a batch `x` of shape (B, ...), cast to `x`'s dtype and device.
+
+    `coef` is a scalar (0-d or a Python number) or has shape (B,) with B == x.shape[0]. Anything else raises,
+    because silently broadcasting a (B,) vector against the last axis is the classic bug of this field.
+    """
+    coef = torch.as_tensor(coef, device=x.device)
+    if coef.ndim > 1 or (coef.ndim == 1 and coef.shape[0] not in (1, x.shape[0])):
+        raise ValueError(
+            f"expand_to: coefficient of shape {tuple(coef.shape)} cannot broadcast against a batch of shape "
+            f"{tuple(x.shape)}; expected a scalar or shape ({x.shape[0]},)."
+        )
+    coef = coef.to(x.dtype)
+    return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim)) if coef.ndim == 1 else coef
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# β schedules and ᾱ
+# ----------------------------------------------------------------------------------------------------------------
+def cosine_alpha_bar(t: float) -> float:
+    """ᾱ(t) of the cosine schedule, improved DDPM eq. (17) with s = 0.008 (normalised so ᾱ(0) ≈ 1)."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def laplace_alpha_bar(t: float) -> float:
+    """ᾱ(t) of the Laplace schedule (Hang et al. 2024, arXiv:2407.03297), as diffusers defines it.
+
+    The log-SNR is Laplace-distributed around 0: λ(t) = -½ sign(½ - t) log(1 - 2|½ - t| + 1e-6). diffusers' value
+    is the square root of SNR/(1 + SNR); we keep that definition so configs mean the same thing.
+    """
+    lam = -0.5 * math.copysign(1.0, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr_t = math.exp(lam)
+    return math.sqrt(snr_t / (1 + snr_t))
+
+
+def betas_from_alpha_bar_fn(
+    num_train_timesteps: int, alpha_bar_fn: Callable[[float], float], max_beta: float = MAX_BETA
+) -> torch.Tensor:
+    """β_i = min(1 - ᾱ((i+1)/T) / ᾱ(i/T), max_beta): discretise a continuous ᾱ(t) (improved DDPM eq. (16))."""
+    T = num_train_timesteps
+    betas = [min(1 - alpha_bar_fn((i + 1) / T) / alpha_bar_fn(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def make_betas(
+    beta_schedule: str = "linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    trained_betas: Optional[Union[Sequence[float], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The forward-process variances β_1..β_T of q(x_t | x_{t-1}) = N(√(1-β_t) x_{t-1}, β_t I) (DDPM eq. (2)).
+
+    Args:
+        beta_schedule (`str`): one of `BETA_SCHEDULES`; ignored when `trained_betas` is given.
+            `linear` is DDPM Sec. 4 (β from `beta_start` to `beta_end`); `scaled_linear` is linear in √β (latent
+            diffusion); `squaredcos_cap_v2` is the cosine schedule of improved DDPM eq. (17); `sigmoid` is GeoDiff's
+            sigmoid(linspace(-6, 6)) rescaled to [beta_start, beta_end]; `laplace` is the Laplace log-SNR schedule.
+        num_train_timesteps (`int`): T.
+        beta_start, beta_end (`float`): endpoints of the linear, scaled_linear and sigmoid schedules.
+        trained_betas (sequence of `float`, *optional*): explicit β_t, length T, each in (0, 1).
+
+    Returns:
+        `torch.Tensor`: float64 tensor of shape (T,).
+    """
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer.")
+    T = num_train_timesteps
+    if trained_betas is not None:
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
+        if betas.numel() != T:
+            raise ValueError(
+                f"trained_betas has length {betas.numel()} but num_train_timesteps={T}; give exactly one β per step."
+            )
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError(
+                f"trained_betas must lie in the open interval (0, 1); got min={betas.min().item():g}, "
+                f"max={betas.max().item():g}."
+            )
+        return betas
+    check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_from_alpha_bar_fn(T, cosine_alpha_bar)
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    return betas_from_alpha_bar_fn(T, laplace_alpha_bar)  # "laplace"
+
+
+def alpha_bar_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t = Π_{s≤t} (1 - β_s) (DDPM eq. (4) notation), in float64."""
+    return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+
+
+def betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Invert `alpha_bar_from_betas`: β_1 = 1 - ᾱ_1, β_t = 1 - ᾱ_t / ᾱ_{t-1}."""
+    alpha_bar = alpha_bar.to(torch.float64)
+    alpha = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alpha
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale √ᾱ_t so that √ᾱ_T = 0 while √ᾱ_1 is unchanged (Lin et al. 2023, Algorithm 1).
+
+    The result has SNR_T = 0: x_T is pure noise, as the sampler assumes when it starts from N(0, I).
+    """
+    sqrt_ab = alpha_bar_from_betas(betas).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    return betas_from_alpha_bar(sqrt_ab**2)
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """SNR_t = ᾱ_t / (1 - ᾱ_t), the signal-to-noise ratio of q(x_t | x_0) (Kingma et al. 2021, eq. (1))."""
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """log SNR_t = log ᾱ_t - log(1 - ᾱ_t)."""
+    return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+
+def half_log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """λ_t = ½ log SNR_t = log(√ᾱ_t / σ_t), the time variable of DPM-Solver (Lu et al. 2022, Sec. 3.1)."""
+    return 0.5 * log_snr(alpha_bar)
+
+
+def alpha_bar_from_log_snr(log_snr_t: torch.Tensor) -> torch.Tensor:
+    """Invert `log_snr`: ᾱ = sigmoid(log SNR)."""
+    return torch.sigmoid(log_snr_t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward process q(x_t | x_0) and the posterior q(x_{t'} | x_t, x_0)
+# ----------------------------------------------------------------------------------------------------------------
+def q_mean_std(x0: torch.Tensor, alpha_bar: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean √ᾱ_t x_0 and standard deviation σ_t = √(1 - ᾱ_t) of q(x_t | x_0) (DDPM eq. (4))."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return expand_to(alpha_bar.sqrt(), x0) * x0, expand_to((1.0 - alpha_bar).sqrt(), x0)
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Sample from q(x_t | x_0): x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε, ε ~ N(0, I) (DDPM eq. (4), reparameterised)."""
+    mean, std = q_mean_std(x0, alpha_bar)
+    return mean + std * eps
+
+
+def q_posterior_coefs(
+    alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients of q(x_{t'} | x_t, x_0) = N(c_0 x_0 + c_t x_t, σ̃² I) for any t' < t (DDPM eqs. (6)-(7)).
+
+    With the effective step variance β = 1 - ᾱ_t / ᾱ_{t'} (β_t itself on the full grid, the respaced β of
+    improved DDPM App. B otherwise):
+        c_0 = √ᾱ_{t'} β / (1 - ᾱ_t),   c_t = √(1 - β) (1 - ᾱ_{t'}) / (1 - ᾱ_t),   σ̃² = (1 - ᾱ_{t'}) β / (1 - ᾱ_t).
+
+    Returns:
+        `(c_0, c_t, posterior_variance)` as float64 tensors.
+    """
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
+    beta = 1.0 - alpha_bar / alpha_bar_prev
+    coef_x0 = alpha_bar_prev.sqrt() * beta / (1.0 - alpha_bar)  # DDPM eq. (7), first term
+    coef_xt = (1.0 - beta).sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # DDPM eq. (7), second term
+    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta  # DDPM eq. (7), β̃_t
+    return coef_x0, coef_xt, variance
+
+
+def q_posterior_mean_variance(
+    x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean μ̃(x_t, x_0) and variance β̃ of the posterior q(x_{t'} | x_t, x_0) (DDPM eqs. (6)-(7)).
+
+    Returns:
+        `(mean, variance)`; the mean has `x_t`'s dtype, the variance is float64 with the shape of `alpha_bar`.
+    """
+    coef_x0, coef_xt, variance = q_posterior_coefs(alpha_bar, alpha_bar_prev)
+    return expand_to(coef_x0, x0) * x0 + expand_to(coef_xt, x_t) * x_t, variance
+
+
+def gaussian_kl(mean1, var1, mean2, var2) -> torch.Tensor:
+    """KL(N(mean1, var1) || N(mean2, var2)) elementwise, the closed form behind every term of the ELBO (DDPM eq. (5)).
+
+    KL = ½ [log(var2/var1) + (var1 + (mean1 - mean2)²)/var2 - 1]. Arguments broadcast; sum over dimensions yourself.
+    """
+    mean1, var1, mean2, var2 = (torch.as_tensor(a) for a in (mean1, var1, mean2, var2))
+    return 0.5 * (torch.log(var2) - torch.log(var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameterisations: ε, x_0, v and the score, all from x_t = √ᾱ x_0 + σ ε
+# ----------------------------------------------------------------------------------------------------------------
+def _sqrt_pair(alpha_bar, x: torch.Tensor):
+    """(√ᾱ, √(1-ᾱ)) ready to multiply `x`: Python floats for a float ᾱ (a sampler's step), else broadcast tensors."""
+    if isinstance(alpha_bar, float):
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return expand_to(alpha_bar.sqrt(), x), expand_to((1.0 - alpha_bar).sqrt(), x)
+
+
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t (DDPM eq. (15); DDIM eq. (9))."""
+    a, s = _sqrt_pair(alpha_bar, x_t)
+    return (x_t - s * eps) / a
+
+
+def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε̂ = (x_t - √ᾱ_t x̂_0) / √(1 - ᾱ_t), the inverse of `eps_to_x0`."""
+    a, s = _sqrt_pair(alpha_bar, x_t)
+    return (x_t - a * x0) / s
+
+
+def velocity(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+    a, s = _sqrt_pair(alpha_bar, x0)
+    return a * eps - s * x0
+
+
+def v_to_x0(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = √ᾱ_t x_t - √(1 - ᾱ_t) v (Salimans & Ho 2022, App. D)."""
+    a, s = _sqrt_pair(alpha_bar, x_t)
+    return a * x_t - s * v
+
+
+def v_to_eps(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε̂ = √(1 - ᾱ_t) x_t + √ᾱ_t v (Salimans & Ho 2022, App. D)."""
+    a, s = _sqrt_pair(alpha_bar, x_t)
+    return s * x_t + a * v
+
+
+def eps_to_score(eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """∇_x log q_t(x) = -ε / √(1 - ᾱ_t) (Song et al. 2021, eq. (19) with the VP marginal; Tweedie)."""
+    _, s = _sqrt_pair(alpha_bar, eps)
+    return -eps / s
+
+
+def score_to_eps(score: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε = -√(1 - ᾱ_t) ∇_x log q_t(x), the inverse of `eps_to_score`."""
+    _, s = _sqrt_pair(alpha_bar, score)
+    return -s * score
+
+
+def model_output_to_x0_eps(
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Read a network's output as (x̂_0, ε̂) whatever it predicts (`prediction_type` in `PREDICTION_TYPES`)."""
+    if prediction_type == "epsilon":
+        return eps_to_x0(x_t, model_output, alpha_bar), model_output
+    if prediction_type == "sample":
+        return model_output, x0_to_eps(x_t, model_output, alpha_bar)
+    if prediction_type == "v_prediction":
+        return v_to_x0(x_t, model_output, alpha_bar), v_to_eps(x_t, model_output, alpha_bar)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    raise AssertionError("unreachable")
+
+
+def model_output_to_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_type: str):
+    """x̂_0 alone from a network's output (see `model_output_to_x0_eps`)."""
+    if prediction_type == "epsilon":
+        return eps_to_x0(x_t, model_output, alpha_bar)
+    if prediction_type == "v_prediction":
+        return v_to_x0(x_t, model_output, alpha_bar)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    return model_output
+
+
+def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str):
+    """What a network trained with `prediction_type` regresses onto at x_t = √ᾱ x_0 + σ ε: ε, x_0 or v."""
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    return velocity(x0, eps, alpha_bar)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keeping x̂_0 in the data range
+# ----------------------------------------------------------------------------------------------------------------
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3), per sample.
+
+    s = clamp(quantile_ratio(|x̂_0|), 1, max_value); x̂_0 ← clamp(x̂_0, -s, s) / s.
+    """
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile is not implemented for half precision
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timestep grids (the respacing of improved DDPM, App. B; names as in Lin et al. 2023, Table 2)
+# ----------------------------------------------------------------------------------------------------------------
+def spaced_timesteps(
+    num_inference_steps: int, num_train_timesteps: int, timestep_spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """The N timesteps (descending, int64) a sampler visits out of 0..T-1.
+
+    `leading`: k·⌊T/N⌋ + steps_offset; `trailing`: round(T - k·T/N) - 1; `linspace`: round(linspace(0, T-1, N)).
+    """
+    check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    T, N = num_train_timesteps, num_inference_steps
+    if not isinstance(N, int) or isinstance(N, bool) or not 1 <= N <= T:
+        raise ValueError(f"num_inference_steps={N!r} must be an integer in [1, num_train_timesteps={T}].")
+    k = torch.arange(N, dtype=torch.float64)
+    if timestep_spacing == "leading":
+        grid = (k * (T // N) + steps_offset).flip(0)
+    elif timestep_spacing == "trailing":
+        # T + k·δ with δ = (T - T/N) - T, the float arithmetic of numpy.arange(T, 0, -T/N), so that exact .5 ties
+        # round as in diffusers. Unlike that arange, the grid always has exactly N points (diffusers: N + 1, ending
+        # at t = -1, for N in e.g. {61, 103, 121}).
+        delta = (T - T / N) - T
+        grid = torch.round(T + k * delta) - 1
+    else:
+        step = (T - 1) / (N - 1) if N > 1 else 0.0
+        grid = torch.round(torch.cat([k[:-1] * step, k.new_tensor([T - 1.0])]) if N > 1 else k).flip(0)
+    return grid.to(torch.int64)
+
+
+def successor_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
+    """For a descending grid t_0 > t_1 > ... > t_{N-1}, the timestep each step moves to: t_{i+1}, and -1 (x_0) last."""
+    return torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+
+
+def check_steps_or_timesteps(num_inference_steps, timesteps) -> None:
+    """`set_timesteps` takes exactly one of a step count and a custom grid; raise `ValueError` otherwise."""
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError(
+            "set_timesteps: pass exactly one of num_inference_steps and timesteps "
+            f"(got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r})."
+        )
+
+
+def validate_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> torch.Tensor:
+    """Check a user-given grid: integers, strictly descending, inside [0, T-1]; return it as int64."""
+    grid = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps)
+    if grid.ndim != 1 or grid.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D list of integers; got {timesteps!r}.")
+    if grid.is_floating_point() and not bool((grid == grid.round()).all()):
+        raise ValueError(f"timesteps must be integers; got {grid.tolist()}.")
+    grid = grid.to(torch.int64)
+    if bool((grid[1:] >= grid[:-1]).any()):
+        raise ValueError(f"timesteps must be strictly descending; got {grid.tolist()}.")
+    if grid[0] >= num_train_timesteps or grid[-1] < 0:
+        raise ValueError(
+            f"timesteps must lie in [0, num_train_timesteps - 1 = {num_train_timesteps - 1}]; got {grid.tolist()}."
+        )
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Continuous time for a discrete-time model: λ(t) linear between integer timesteps (see tutorial_continuous.py),
+# ᾱ(t) = sigmoid(2 λ(t)), and where a continuous-time sampler puts its grid points
+# ----------------------------------------------------------------------------------------------------------------
+# Where the sampler's grid points go: uniform in λ (DPM-Solver's "logSNR"), Karras et al. 2022 eq. (5) in σ̄ = e^{-λ}
+# with exponent ρ, or uniform in the model's timestep t.
+STEP_PLACEMENTS = ("logsnr", "karras", "time_uniform")
+
+
+def half_log_snr_at(t, half_log_snr_table: torch.Tensor) -> torch.Tensor:
+    """λ(t) for fractional t ∈ [0, T-1]: linear interpolation of the table λ_i = ½ log SNR_i between integers.
+
+    Args:
+        t (`float` or `torch.Tensor`): timesteps on the model's scale.
+        half_log_snr_table (`torch.Tensor`): λ_0..λ_{T-1}, float64, strictly decreasing.
+
+    Returns:
+        `torch.Tensor`: λ(t), float64, the shape of `t`.
+    """
+    table = half_log_snr_table
+    t = torch.as_tensor(t, dtype=torch.float64, device=table.device)
+    last = table.numel() - 1
+    if bool((t < -1e-9).any() or (t > last + 1e-9).any()):
+        raise ValueError(f"timestep(s) {t.flatten()[:4].tolist()} outside the model's range [0, {last}].")
+    t = t.clamp(0, last)
+    i = t.floor().clamp(max=max(last - 1, 0)).long()
+    w = t - i
+    return table[i] * (1 - w) + table[(i + 1).clamp(max=last)] * w
+
+
+def timestep_at(half_log_snr: torch.Tensor, half_log_snr_table: torch.Tensor) -> torch.Tensor:
+    """The inverse of `half_log_snr_at`: the fractional timestep t with λ(t) = `half_log_snr`.
+
+    Raises `ValueError` if λ is outside [λ_{T-1}, λ_0], the range the model was trained on.
+    """
+    table = half_log_snr_table
+    lam = torch.as_tensor(half_log_snr, dtype=torch.float64, device=table.device)
+    lo, hi = float(table[-1]), float(table[0])
+    span = 1e-9 * (1 + abs(lo) + abs(hi))
+    if bool((lam < lo - span).any() or (lam > hi + span).any()):
+        raise ValueError(f"half log-SNR value(s) {lam.flatten()[:4].tolist()} outside the model's range [{lo}, {hi}].")
+    ascending = table.flip(0)  # ascending[k] = λ_{T-1-k}
+    lam = lam.clamp(lo, hi)
+    k = (torch.searchsorted(ascending, lam.flatten(), right=True) - 1).clamp(0, table.numel() - 2)
+    frac = (lam.flatten() - ascending[k]) / (ascending[k + 1] - ascending[k])
+    return (table.numel() - 1 - (k + frac)).reshape(lam.shape)
+
+
+def alpha_bar_at(t, alpha_bar_table: torch.Tensor) -> torch.Tensor:
+    """ᾱ(t) = sigmoid(2 λ(t)) for fractional t (the continuous schedule of this module); float64."""
+    table = torch.as_tensor(alpha_bar_table, dtype=torch.float64)
+    return torch.sigmoid(2 * half_log_snr_at(t, half_log_snr(table)))
+
+
+def placement_half_log_snrs(
+    num_points: int, half_log_snr_table: torch.Tensor, step_placement: str = "logsnr", rho: float = 7.0
+) -> torch.Tensor:
+    """The λ values of a sampler grid from t = T-1 (first, λ smallest) to t = 0 (last), `num_points` of them.
+
+    Args:
+        num_points (`int`): grid size N ≥ 2 (N - 1 solver steps).
+        half_log_snr_table (`torch.Tensor`): the model's λ table.
+        step_placement (`str`): one of `STEP_PLACEMENTS`.
+        rho (`float`): Karras et al. 2022's ρ (eq. (5)); only for `karras`.
+
+    Returns:
+        `torch.Tensor`: float64, strictly increasing λ.
+    """
+    check_choice("step_placement", step_placement, STEP_PLACEMENTS)
+    lam_max, lam_min = float(half_log_snr_table[0]), float(half_log_snr_table[-1])
+    u = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    if step_placement == "logsnr":
+        return lam_min + u * (lam_max - lam_min)
+    if step_placement == "karras":
+        # Karras eq. (5): σ̄_i = (σ̄_max^{1/ρ} + i/(N-1) (σ̄_min^{1/ρ} - σ̄_max^{1/ρ}))^ρ with σ̄ = e^{-λ}.
+        s_max, s_min = math.exp(-lam_min / rho), math.exp(-lam_max / rho)
+        lam = -rho * torch.log(s_max + u * (s_min - s_max))
+        lam[0], lam[-1] = lam_min, lam_max  # exact endpoints, free of rounding
+        return lam
+    t = (half_log_snr_table.numel() - 1) * (1 - u)  # time_uniform
+    return half_log_snr_at(t, half_log_snr_table)
+
+
+def check_custom_grid(timesteps: Sequence[float], num_train_timesteps: int) -> torch.Tensor:
+    """A user-given (e.g. tuned) grid: strictly descending floats from T-1 to 0 inclusive; returned as float64."""
+    grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    T = num_train_timesteps
+    if grid.numel() < 2 or bool((grid[1:] >= grid[:-1]).any()) or float(grid[0]) != T - 1 or float(grid[-1]) != 0:
+        raise ValueError(
+            f"timesteps={grid.tolist()[:8]}... must be strictly descending from {T - 1} to 0 inclusive "
+            "(the sampled interval), with at least 2 points."
+        )
+    return grid
