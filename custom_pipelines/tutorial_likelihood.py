@@ -178,19 +178,23 @@ def variational_bound(
 
 @dataclass
 class DatasetBound:
-    """Dataset averages of `VariationalBound` (per-term breakdown in bits/dim; `steps` per grid step)."""
+    """Dataset averages of `VariationalBound` (per-term breakdown in bits/dim; `steps` per grid step).
+
+    `steps_bits_per_dim[k]` is the step from `timesteps[k+1]` to `timesteps[k]`, as in `VariationalBound`.
+    """
 
     bits_per_dim: float
     prior_bits_per_dim: float
     steps_bits_per_dim: torch.Tensor
     decoder_bits_per_dim: float
     num_samples: int
+    timesteps: torch.Tensor
     per_sample_bits_per_dim: torch.Tensor = field(repr=False)
 
 
 def variational_bound_dataset(model: Callable, schedule, batches: Iterable[torch.Tensor], **kwargs) -> DatasetBound:
     """Average `variational_bound` over a dataset given as an iterable of batches (kwargs are passed on)."""
-    totals, prior, steps, dec, n, D = [], 0.0, None, 0.0, 0, None
+    totals, prior, steps, dec, n, D, grid = [], 0.0, None, 0.0, 0, None, None
     for x0 in batches:
         vb = variational_bound(model, schedule, x0, **kwargs)
         D = x0[0].numel()
@@ -198,12 +202,12 @@ def variational_bound_dataset(model: Callable, schedule, batches: Iterable[torch
         prior += float(vb.prior.sum())
         dec += float(vb.decoder.sum())
         steps = vb.steps.sum(0) if steps is None else steps + vb.steps.sum(0)
-        n += x0.shape[0]
+        n, grid = n + x0.shape[0], vb.timesteps
     if n == 0:
         raise ValueError("batches is empty.")
     to_bpd = 1.0 / (n * D * math.log(2))
     per_sample = torch.cat(totals)
-    return DatasetBound(float(per_sample.mean()), prior * to_bpd, steps * to_bpd, dec * to_bpd, n, per_sample)
+    return DatasetBound(float(per_sample.mean()), prior * to_bpd, steps * to_bpd, dec * to_bpd, n, grid, per_sample)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ v-predictions (Tweedie: ε* = -√(1-ᾱ) ∇ log q_t) are all closed-form. Ever
 """
 
 import math
-from typing import Callable, Optional
+from types import SimpleNamespace
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -123,3 +124,51 @@ class GaussianMixture:
             return tm.velocity(x0, eps, alpha_bar)
 
         return predict
+
+    def as_unet(
+        self, alpha_bar_table: torch.Tensor, sample_shape: Sequence[int], prediction_type: str = "epsilon"
+    ) -> "ExactMixtureUNet":
+        """`model(...)` behind the calling convention of diffusers' `UNet2DModel`, for pipelines.
+
+        Args:
+            alpha_bar_table (`torch.Tensor`): ᾱ indexed by the integer timestep (a scheduler's `alpha_bar`).
+            sample_shape (`tuple`): (channels, height, width) of one sample; their product must be the mixture's D.
+            prediction_type (`str`): what the stand-in network predicts, one of `tutorial_math.PREDICTION_TYPES`.
+        """
+        return ExactMixtureUNet(self, alpha_bar_table, sample_shape, prediction_type)
+
+
+class ExactMixtureUNet(torch.nn.Module):
+    """A perfectly trained "UNet" for mixture data: `unet(x_t, t).sample` is the exact prediction, in float64.
+
+    Pipelines read `config.in_channels`, `config.sample_size`, `dtype` and `device` from their UNet; this module has
+    all four, so every pipeline of the project can sample or invert mixture data with no training noise.
+    """
+
+    def __init__(self, mixture: GaussianMixture, alpha_bar_table, sample_shape: Sequence[int], prediction_type: str):
+        super().__init__()
+        channels, height, width = (int(n) for n in sample_shape)
+        if channels * height * width != mixture.dim:
+            raise ValueError(
+                f"sample_shape={tuple(sample_shape)} holds {channels * height * width} values; "
+                f"the mixture has D = {mixture.dim}."
+            )
+        if height != width:
+            raise ValueError(f"sample_shape={tuple(sample_shape)} must be square, like UNet2DModel's sample_size.")
+        self.predict = mixture.model(alpha_bar_table, prediction_type)
+        self.config = SimpleNamespace(
+            in_channels=channels, out_channels=channels, sample_size=height, num_class_embeds=None
+        )
+        self.register_buffer("anchor", torch.zeros((), dtype=torch.float64))  # carries dtype and device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True):
+        out = self.predict(sample.reshape(sample.shape[0], -1), timestep).reshape(sample.shape)
+        return SimpleNamespace(sample=out) if return_dict else (out,)

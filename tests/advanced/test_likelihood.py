@@ -84,6 +84,7 @@ def test_dataset_average_and_breakdown(ring):
     split = variational_bound_dataset(ring.model, ring.ddpm, [x[:40], x[40:]], generator=torch.Generator().manual_seed(6),
                                       **kwargs)
     assert split.num_samples == 64 and split.steps_bits_per_dim.shape == (19,)
+    assert torch.equal(split.timesteps, whole.timesteps)  # step k runs from timesteps[k + 1] to timesteps[k]
 
 
 def test_8bit_images_discretized_and_dequantized(ring):

@@ -1,7 +1,6 @@
 """DDIM inversion + regeneration with the exact Gaussian-mixture ε (no training noise), slerp, bad input."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,27 +13,6 @@ from schedulers.gaussian_mixture import GaussianMixture
 SHAPE = (1, 4, 4)  # D = 16
 
 
-class ExactUNet(torch.nn.Module):
-    """The exact ε*(x_t, t) of a Gaussian mixture behind UNet2DModel's interface (config, dtype, .sample)."""
-
-    def __init__(self, mixture, alpha_bar):
-        super().__init__()
-        self.predict = mixture.model(alpha_bar, "epsilon")
-        self.config = SimpleNamespace(in_channels=SHAPE[0], sample_size=SHAPE[1])
-        self.register_buffer("anchor", torch.zeros((), dtype=torch.float64))
-
-    @property
-    def dtype(self):
-        return self.anchor.dtype
-
-    @property
-    def device(self):
-        return self.anchor.device
-
-    def forward(self, x, t):
-        return SimpleNamespace(sample=self.predict(x.reshape(x.shape[0], -1), t).reshape(x.shape))
-
-
 @pytest.fixture(scope="module")
 def mixture():
     return GaussianMixture.random(dim=16, num_modes=3, seed=0)
@@ -42,7 +20,7 @@ def mixture():
 
 def _exact_pipe(mixture):
     sched = TutorialDDIMScheduler(clip_sample=False, beta_schedule="squaredcos_cap_v2")
-    pipe = TutorialDDIMInversionPipeline(unet=ExactUNet(mixture, sched.alpha_bar), scheduler=sched)
+    pipe = TutorialDDIMInversionPipeline(unet=mixture.as_unet(sched.alpha_bar, SHAPE), scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
