@@ -1,14 +1,22 @@
 """Training speed and quality: this project's script vs diffusers' `train_unconditional.py` logic, same UNet, same data.
 
-    python benchmarks/bench_training.py                  # throughput + memory (~2 min on 2 CPUs)
+    python benchmarks/bench_training.py                  # throughput + memory, 2 interleaved repeats
+    python benchmarks/bench_training.py --pairs defaults # only ours (defaults) vs theirs (defaults)
     python benchmarks/bench_training.py --quality        # also time-to-quality (~15 min on 2 CPUs)
 
 "Theirs" re-creates the training loop of diffusers' examples/unconditional_image_generation/train_unconditional.py
 (0.42.x) without torchvision: a `datasets.Dataset` whose transform decodes, resizes and normalises every image on
 every access, `shuffle=True`, `DDPMScheduler.add_noise`, ε-prediction MSE, `accelerator.accumulate`, gradient
 clipping, EMA every step, and that script's defaults (lr 1e-4, 500 warmup steps, cosine, AdamW β1 = 0.95,
-EMA inv_gamma 1, power 3/4, max decay 0.9999). "Ours" runs `training/train_unconditional.py` with its defaults.
-Both train the project's default UNet (16x16, 1 channel) on the training split of the built-in digits.
+EMA inv_gamma 1, power 3/4, max decay 0.9999, `--mixed_precision no`). "Ours" runs `training/train_unconditional.py`
+with its defaults (`--mixed_precision auto`: bf16 autocast where the CPU has AVX512-BF16 or AMX, float32 elsewhere).
+Both train the project's default UNet (16x16, 1 channel) on the training split of the built-in digits, batch 64.
+
+Three pairs are compared, each repeated `--repeats` times with the runs interleaved (the machine is shared):
+"defaults" (ours with its defaults vs theirs with its defaults, the headline), and the same precision on both sides,
+"fp32" (both `--mixed_precision no`) and "bf16" (both `--mixed_precision bf16`; theirs casts the batch and noise to
+bf16 as diffusers' script does). Besides wall-clock images/s, the CPU time of the process is reported: on a shared
+machine it is the steadier measure of the work done.
 
 Each measurement runs in its own subprocess (clean peak memory: ru_maxrss) on BENCH_THREADS torch threads (default
 1: on a shared 2-core machine two intra-op threads under contention ran 6-10x slower for both sides). Throughput is
@@ -32,7 +40,7 @@ sys.path.insert(0, ROOT)
 # ----------------------------------------------------------------------------------------------------------------
 # Theirs: diffusers' train_unconditional.py loop, re-created
 # ----------------------------------------------------------------------------------------------------------------
-def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0) -> dict:
+def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0, precision: str = "default") -> dict:
     import datasets
     import numpy as np
     import torch
@@ -62,7 +70,9 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0) -> 
 
     ds.set_transform(transforms)
     loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
-    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+    mixed_precision = "no" if precision == "default" else precision  # diffusers' default: --mixed_precision no
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=mixed_precision)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     model = UNet2DModel(**default_unet_config(16, 1, None))
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
@@ -72,15 +82,15 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0) -> 
 
     step, eval_seconds, reached = 0, 0.0, None
     history = []
-    start = time.perf_counter()  # wall time of the loop, data loading included, evaluation excluded
+    start, cpu_start = time.perf_counter(), time.process_time()  # the loop, data loading in, evaluation out
     while step < steps:
         for batch in loader:
-            clean = batch["input"]
-            noise = torch.randn(clean.shape, device=clean.device)
+            clean = batch["input"].to(weight_dtype)
+            noise = torch.randn(clean.shape, dtype=weight_dtype, device=clean.device)
             t = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
             noisy = noise_scheduler.add_noise(clean, noise, t)
             with accelerator.accumulate(model):
-                loss = F.mse_loss(model(noisy, t).sample, noise)
+                loss = F.mse_loss(model(noisy, t).sample.float(), noise.float())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -103,7 +113,11 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0) -> 
         if reached is not None:
             break
     train_seconds = time.perf_counter() - start - eval_seconds
+    cpu_seconds = time.process_time() - cpu_start
     return {
+        "mixed_precision": mixed_precision,
+        "cpu_seconds": cpu_seconds,
+        "images_per_cpu_s": step * 64 / cpu_seconds,
         "steps": step,
         "images": step * 64,
         "train_seconds": train_seconds,
@@ -132,7 +146,7 @@ def _fd_of_ema(unet, ema, scheduler_config) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Ours: the project's script, defaults
 # ----------------------------------------------------------------------------------------------------------------
-def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0) -> dict:
+def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0, precision: str = "default") -> dict:
     from training import train_unconditional as tu
 
     out = tempfile.mkdtemp(prefix="bench-ours-")
@@ -154,13 +168,17 @@ def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0) -> di
     ]
     if eval_every:
         argv += ["--eval_every_steps", str(eval_every)]
-    state = {"reached": None, "start": None}
+    if precision != "default":
+        argv += ["--mixed_precision", precision]
+    state = {"reached": None, "start": None, "cpu_start": None}
+    resolved = [None]
     eval_seconds, end = [0.0], [None]
     real_evaluate, real_loss = tu.evaluate_now, tu.diffusion_loss
 
     def timed_loss(*args, **kwargs):  # the clock starts at the first step, as theirs does (start-up excluded)
         if state["start"] is None:
-            state["start"] = time.perf_counter()
+            state["start"], state["cpu_start"] = time.perf_counter(), time.process_time()
+            resolved[0] = args[3].mixed_precision
         return real_loss(*args, **kwargs)
 
     def timed_evaluate(*args, **kwargs):
@@ -178,16 +196,20 @@ def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0) -> di
     real_save = tu.save_checkpoint
 
     def clocked_save(*args, **kwargs):  # the loop ends where the final checkpoint starts
-        end[0] = end[0] or time.perf_counter()
+        end[0] = end[0] or (time.perf_counter(), time.process_time())
         return real_save(*args, **kwargs)
 
     tu.save_checkpoint = clocked_save
     result = tu.main(argv, should_stop=stop)
-    total = end[0] - state["start"] - eval_seconds[0]
+    total = end[0][0] - state["start"] - eval_seconds[0]
+    cpu_seconds = end[0][1] - state["cpu_start"]  # with --quality this includes evaluation CPU time
     with open(os.path.join(out, "metrics.json")) as f:
         history = json.load(f)["history"]
     step = result["global_step"]
     return {
+        "mixed_precision": resolved[0],
+        "cpu_seconds": cpu_seconds,
+        "images_per_cpu_s": step * 64 / cpu_seconds,
         "steps": step,
         "images": step * 64,
         "train_seconds": total,
@@ -197,16 +219,16 @@ def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0) -> di
     }
 
 
-def child(which: str, steps: int, eval_every: int, threshold: float) -> None:
+def child(which: str, steps: int, eval_every: int, threshold: float, precision: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    result = (run_ours if which == "ours" else run_theirs)(steps, eval_every, threshold)
+    result = (run_ours if which == "ours" else run_theirs)(steps, eval_every, threshold, precision=precision)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
-def measure(which: str, steps: int, eval_every: int, threshold: float) -> dict:
+def measure(which: str, steps: int, eval_every: int, threshold: float, precision: str = "default") -> dict:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -218,6 +240,8 @@ def measure(which: str, steps: int, eval_every: int, threshold: float) -> dict:
         str(eval_every),
         "--threshold",
         str(threshold),
+        "--precision",
+        precision,
     ]
     res = subprocess.run(
         cmd,
@@ -232,6 +256,14 @@ def measure(which: str, steps: int, eval_every: int, threshold: float) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+# The --mixed_precision each side runs with, per comparison ("default": the script's own default).
+PAIRS = {
+    "defaults": {"theirs": "default", "ours": "default"},
+    "fp32": {"theirs": "no", "ours": "no"},
+    "bf16": {"theirs": "bf16", "ours": "bf16"},
+}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150, help="Updates of 64 images for the throughput run.")
@@ -240,21 +272,42 @@ def main():
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--threshold", type=float, default=100.0, help="Fréchet distance that counts as 'digits'.")
     p.add_argument("--output", default=None, help="Also write the full report (with histories) as JSON here.")
+    p.add_argument("--repeats", type=int, default=2, help="Interleaved repeats of every pair.")
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=tuple(PAIRS), help="Which comparisons to run.")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="default", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.steps, args.eval_every, args.threshold)
+        return child(args.child, args.steps, args.eval_every, args.threshold, args.precision)
 
-    report = {}
-    for which in ("theirs", "ours"):
-        report[which] = measure(which, args.steps, 0, args.threshold)
+    report = {"runs": [], "pairs": {}}
+    for r in range(args.repeats):  # interleaved: ours and theirs of every pair share the machine's weather
+        for pair in args.pairs:
+            for which in ("theirs", "ours"):
+                run = measure(which, args.steps, 0, args.threshold, PAIRS[pair][which])
+                run.update(which=which, pair=pair, repeat=r)
+                report["runs"].append(run)
+                print(
+                    f"[{pair:8s} #{r}] {which:6s} ({run['mixed_precision']:4s}) {run['images_per_s']:7.1f} images/s "
+                    f"{run['images_per_cpu_s']:7.1f} images/CPU-s  peak RSS {run['peak_rss_mb']:6.0f} MB",
+                    flush=True,
+                )
+    for pair in args.pairs:
+        runs = {w: [x for x in report["runs"] if x["pair"] == pair and x["which"] == w] for w in ("theirs", "ours")}
+        wall = [o["images_per_s"] / t["images_per_s"] for o, t in zip(runs["ours"], runs["theirs"])]
+        cpu = [o["images_per_cpu_s"] / t["images_per_cpu_s"] for o, t in zip(runs["ours"], runs["theirs"])]
+        mean = {w: sum(x["images_per_s"] for x in runs[w]) / len(runs[w]) for w in runs}
+        report["pairs"][pair] = {
+            "wall_ratios": wall,
+            "cpu_ratios": cpu,
+            "ratio_of_means": mean["ours"] / mean["theirs"],
+        }
         print(
-            f"{which:6s} {report[which]['images_per_s']:7.1f} images/s  peak RSS "
-            f"{report[which]['peak_rss_mb']:6.0f} MB"
+            f"{pair:8s} throughput ratio ours / theirs: {mean['ours'] / mean['theirs']:.2f} "
+            f"(per repeat, wall: {', '.join(f'{x:.2f}' for x in wall)}; CPU time: {', '.join(f'{x:.2f}' for x in cpu)})"
         )
-    ratio = report["ours"]["images_per_s"] / report["theirs"]["images_per_s"]
-    print(f"throughput ratio ours / theirs: {ratio:.2f}")
-    report["throughput_ratio"] = ratio
+    if "defaults" in report["pairs"]:
+        report["throughput_ratio"] = report["pairs"]["defaults"]["ratio_of_means"]
     if args.quality:
         for which in ("theirs", "ours"):
             q = measure(which, args.quality_steps, args.eval_every, args.threshold)
