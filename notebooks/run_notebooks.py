@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help="notebook number prefixes to run (default: all)")
     parser.add_argument("--fast", action="store_true", help="small sizes, as in the test suite")
     parser.add_argument("--write", action="store_true", help="write the executed .ipynb next to each source")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     args = parser.parse_args(argv)
     for source in notebook_sources(args.names):
         start = time.perf_counter()
