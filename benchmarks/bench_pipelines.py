@@ -81,8 +81,13 @@ def pipeline_case(pipe, batch, steps, **kwargs):
     pipe.set_progress_bar_config(disable=True)
 
     def run():
-        pipe(batch_size=batch, num_inference_steps=steps, output_type="np",
-             generator=torch.Generator().manual_seed(0), **kwargs)
+        pipe(
+            batch_size=batch,
+            num_inference_steps=steps,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
 
     return run
 
@@ -113,39 +118,53 @@ def main():
     cases = {
         "UNet calls alone": unet_alone(unet, b, args.size, n),
         "ours + TutorialDDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n),
+            TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n
+        ),
         "ours + diffusers DDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=DDIMScheduler(**ddim_cfg)), b, n),
+            TutorialUnconditionalPipeline(unet=unet, scheduler=DDIMScheduler(**ddim_cfg)), b, n
+        ),
         "diffusers DDIMPipeline": pipeline_case(DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**ddim_cfg)), b, n),
         "ours + TutorialDDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDPMScheduler()), b, n),
+            TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDPMScheduler()), b, n
+        ),
         "ours + diffusers DDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=DDPMScheduler()), b, n),
+            TutorialUnconditionalPipeline(unet=unet, scheduler=DDPMScheduler()), b, n
+        ),
         "diffusers DDPMPipeline": pipeline_case(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), b, n),
     }
     null = NullUNet(unet)
     loop_only = {
         "ours + TutorialDDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n),
+            TutorialUnconditionalPipeline(unet=null, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n
+        ),
         "ours + diffusers DDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=DDIMScheduler(**ddim_cfg)), b, n),
+            TutorialUnconditionalPipeline(unet=null, scheduler=DDIMScheduler(**ddim_cfg)), b, n
+        ),
         "diffusers DDIMPipeline": pipeline_case(DDIMPipeline(unet=null, scheduler=DDIMScheduler(**ddim_cfg)), b, n),
         "ours + TutorialDDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=TutorialDDPMScheduler()), b, n),
+            TutorialUnconditionalPipeline(unet=null, scheduler=TutorialDDPMScheduler()), b, n
+        ),
         "ours + diffusers DDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=DDPMScheduler()), b, n),
+            TutorialUnconditionalPipeline(unet=null, scheduler=DDPMScheduler()), b, n
+        ),
         "diffusers DDPMPipeline": pipeline_case(DDPMPipeline(unet=null, scheduler=DDPMScheduler()), b, n),
     }
     times = best_times(cases, args.repeats)
     loop_times = best_times(loop_only, 3 * args.repeats)
     floor = times["UNet calls alone"]
 
-    print(f"# Pipeline benchmark: torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"UNet2DModel {sum(p.numel() for p in unet.parameters()):,} params, batch {b} x 3 x {args.size} x "
-          f"{args.size}, {n} steps, best of {args.repeats}\n")
-    print("| case | wall s | pipeline alone s (null UNet) | overhead = alone / wall | (wall - UNet calls) / wall "
-          "| wall ratio vs diffusers | pipeline-alone ratio vs diffusers |")
+    print(
+        f"# Pipeline benchmark: torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"UNet2DModel {sum(p.numel() for p in unet.parameters()):,} params, batch {b} x 3 x {args.size} x "
+        f"{args.size}, {n} steps, best of {args.repeats}\n"
+    )
+    print(
+        "| case | wall s | pipeline alone s (null UNet) | overhead = alone / wall | (wall - UNet calls) / wall "
+        "| wall ratio vs diffusers | pipeline-alone ratio vs diffusers |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, t in times.items():
         if name == "UNet calls alone":

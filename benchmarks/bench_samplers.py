@@ -69,8 +69,10 @@ def ours(cfg, model, calibration_noise):
         "ours DPM++ 3M karras": ([dpm.from_config(cfg, solver_order=3, step_placement="karras")], True),
         "ours DPM++ 3M time_uniform": ([dpm.from_config(cfg, solver_order=3, step_placement="time_uniform")], True),
         "ours PF-ODE heun karras": ([TutorialPFODEScheduler.from_config(cfg, solver="heun")], True),
-        "ours PF-ODE rk4 logsnr": ([TutorialPFODEScheduler.from_config(cfg, solver="rk4", step_placement="logsnr")],
-                                   True),
+        "ours PF-ODE rk4 logsnr": (
+            [TutorialPFODEScheduler.from_config(cfg, solver="rk4", step_placement="logsnr")],
+            True,
+        ),
         "ours SDE vp EM": ([TutorialScoreSDEScheduler.from_config(cfg)], False),
         "ours SDE vp PC (langevin)": ([TutorialScoreSDEScheduler.from_config(cfg, corrector="langevin")], False),
     }
@@ -88,7 +90,9 @@ def theirs(cfg):
         "diffusers DPMSolverMultistep 2M": (variants(DPMSolverMultistepScheduler, solver_order=2), True),
         "diffusers DPMSolverMultistep 3M": (variants(DPMSolverMultistepScheduler, solver_order=3), True),
         "diffusers DPMSolverMultistep SDE": (
-            variants(DPMSolverMultistepScheduler, solver_order=2, algorithm_type="sde-dpmsolver++"), False),
+            variants(DPMSolverMultistepScheduler, solver_order=2, algorithm_type="sde-dpmsolver++"),
+            False,
+        ),
         "diffusers UniPC": (variants(UniPCMultistepScheduler), True),
         "diffusers Heun": (variants(HeunDiscreteScheduler), True),
         "diffusers Euler": (variants(EulerDiscreteScheduler), True),
@@ -140,13 +144,17 @@ def run_problem(name, gmm, beta_schedule, batch, nfes):
     data, data2 = gmm.sample(batch, g), gmm.sample(batch, g)
     floor = energy_distance(data, data2)
     print(f"\n## {name}, {beta_schedule} schedule (D = {gmm.dim}, {batch} samples)")
-    print(f"reference: Dormand-Prince rtol=atol=1e-10, {reference.num_evals} evaluations, {time.time() - t0:.1f}s; "
-          f"energy distance between two exact sample sets (floor): {floor:.2e}; "
-          f"ED(reference, data) = {energy_distance(reference.sample, data):.2e}")
+    print(
+        f"reference: Dormand-Prince rtol=atol=1e-10, {reference.num_evals} evaluations, {time.time() - t0:.1f}s; "
+        f"energy distance between two exact sample sets (floor): {floor:.2e}; "
+        f"ED(reference, data) = {energy_distance(reference.sample, data):.2e}"
+    )
     calibration_noise = torch.randn(200, gmm.dim, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
     rows, failures = {}, []
-    for label, (variants, deterministic) in {**ours(ddpm.config, model, calibration_noise),
-                                             **theirs(ddpm.config)}.items():
+    for label, (variants, deterministic) in {
+        **ours(ddpm.config, model, calibration_noise),
+        **theirs(ddpm.config),
+    }.items():
         row = {}
         t_label = time.time()
         for nfe in nfes:
@@ -163,8 +171,10 @@ def run_problem(name, gmm, beta_schedule, batch, nfes):
                 try:
                     x, evals = loop(s, model, x_T, n)
                 except Exception as error:  # a diffusers variant that breaks at this N (reported, not hidden)
-                    failures.append(f"{label} {dict(s.config).get('timestep_spacing')} karras="
-                                    f"{dict(s.config).get('use_karras_sigmas')} N={n}: {type(error).__name__}: {error}")
+                    failures.append(
+                        f"{label} {dict(s.config).get('timestep_spacing')} karras="
+                        f"{dict(s.config).get('use_karras_sigmas')} N={n}: {type(error).__name__}: {error}"
+                    )
                     continue
                 if not bool(torch.isfinite(x).all()):
                     failures.append(f"{label} {dict(s.config).get('timestep_spacing')} N={n}: non-finite output")
@@ -178,8 +188,11 @@ def run_problem(name, gmm, beta_schedule, batch, nfes):
         rows[label] = (row, deterministic)
         if label.endswith("tuned"):
             print(f"(tuning {label} for NFE <= {TUNE_UP_TO_NFE}: {time.time() - t_label:.1f}s)")
-    header = f"{'sampler':36s}" + "".join(f"{'err@' + str(n):>11s}" for n in nfes) + "".join(
-        f"{'ED@' + str(n):>10s}" for n in nfes)
+    header = (
+        f"{'sampler':36s}"
+        + "".join(f"{'err@' + str(n):>11s}" for n in nfes)
+        + "".join(f"{'ED@' + str(n):>10s}" for n in nfes)
+    )
     print(header)
     for label, (row, deterministic) in rows.items():
         errs = "".join(f"{row[n][1]:11.2e}" if row[n] and deterministic else f"{'-':>11s}" for n in nfes)
@@ -191,12 +204,17 @@ def run_problem(name, gmm, beta_schedule, batch, nfes):
     for n in nfes:
         best_ours = min((r[n][1], lbl) for lbl, (r, d) in rows.items() if d and lbl.startswith("ours") and r[n])
         best_theirs = min((r[n][1], lbl) for lbl, (r, d) in rows.items() if d and lbl.startswith("diffusers") and r[n])
-        untuned = min((r[n][1], lbl) for lbl, (r, d) in rows.items()
-                      if d and lbl.startswith("ours") and not lbl.endswith("tuned") and r[n])
+        untuned = min(
+            (r[n][1], lbl)
+            for lbl, (r, d) in rows.items()
+            if d and lbl.startswith("ours") and not lbl.endswith("tuned") and r[n]
+        )
         ratio, ratio_untuned = best_ours[0] / best_theirs[0], untuned[0] / best_theirs[0]
         verdicts.append((n, ratio, ratio_untuned))
-        print(f"NFE {n:3d}: best ours {best_ours[1]} {best_ours[0]:.2e}; best diffusers {best_theirs[1]} "
-              f"{best_theirs[0]:.2e}; ratio {ratio:.3f} (best untuned ours {untuned[1]}: ratio {ratio_untuned:.3f})")
+        print(
+            f"NFE {n:3d}: best ours {best_ours[1]} {best_ours[0]:.2e}; best diffusers {best_theirs[1]} "
+            f"{best_theirs[0]:.2e}; ratio {ratio:.3f} (best untuned ours {untuned[1]}: ratio {ratio_untuned:.3f})"
+        )
     return verdicts
 
 
@@ -212,17 +230,21 @@ def likelihood_accuracy(name, gmm, beta_schedule, n_points=32):
         t0 = time.time()
         r = ode_log_likelihood(model, ddpm, x, trace=trace, rtol=tol, atol=tol, generator=g)
         err = r.log_prob - exact_t0
-        print(f"ODE {trace:10s} rtol=atol={tol:g}: |error| max {float(err.abs().max()):.2e} nats, mean error "
-              f"{float(err.mean()):+.2e} nats ({float(err.mean()) / (gmm.dim * math.log(2)):+.2e} bits/dim), "
-              f"{r.num_evals} evaluations, {time.time() - t0:.1f}s")
+        print(
+            f"ODE {trace:10s} rtol=atol={tol:g}: |error| max {float(err.abs().max()):.2e} nats, mean error "
+            f"{float(err.mean()):+.2e} nats ({float(err.mean()) / (gmm.dim * math.log(2)):+.2e} bits/dim), "
+            f"{r.num_evals} evaluations, {time.time() - t0:.1f}s"
+        )
     data = gmm.sample(2000, g)
     nll = float(-gmm.log_prob(data).mean())
     for k in (10, 100, 1000):
         vb = variational_bound(model, ddpm, data, num_steps=k, decoder="gaussian", generator=g)
         se = float(vb.nats.std()) / math.sqrt(data.shape[0])
-        print(f"variational bound, {k:4d} steps: {float(vb.nats.mean()):9.4f} nats (± {se:.3f}) vs exact NLL "
-              f"{nll:.4f}: gap {float(vb.nats.mean()) - nll:+.4f} nats "
-              f"({(float(vb.nats.mean()) - nll) / (gmm.dim * math.log(2)):+.4f} bits/dim)")
+        print(
+            f"variational bound, {k:4d} steps: {float(vb.nats.mean()):9.4f} nats (± {se:.3f}) vs exact NLL "
+            f"{nll:.4f}: gap {float(vb.nats.mean()) - nll:+.4f} nats "
+            f"({(float(vb.nats.mean()) - nll) / (gmm.dim * math.log(2)):+.4f} bits/dim)"
+        )
 
 
 def main():
@@ -248,8 +270,10 @@ def main():
     print("\n## Target: at 10 and 20 NFE, best ours <= 0.5 x best diffusers (ratio <= 0.5)")
     for name, schedule, n, ratio, ratio_untuned in summary:
         if n in (10, 20):
-            print(f"{name:14s} {schedule:18s} NFE {n:3d}: ratio {ratio:.3f} {'met' if ratio <= 0.5 else 'NOT met'}"
-                  f"   (untuned placements only: {ratio_untuned:.3f} {'met' if ratio_untuned <= 0.5 else 'NOT met'})")
+            print(
+                f"{name:14s} {schedule:18s} NFE {n:3d}: ratio {ratio:.3f} {'met' if ratio <= 0.5 else 'NOT met'}"
+                f"   (untuned placements only: {ratio_untuned:.3f} {'met' if ratio_untuned <= 0.5 else 'NOT met'})"
+            )
     assert all(math.isfinite(r) for *_, r, _ in summary)
 
 

@@ -81,25 +81,36 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'case':<40}{'ours (us)':>12}{'diffusers (us)':>16}{'ratio':>8}")
     rows = []
     for name, (ours_cls, ref_cls, kwargs) in PAIRS.items():
         for batch in (1, 64):
             ours, ref = ours_cls(), ref_cls()
-            a, b = median_pair(partial(time_loop, ours, batch, args.steps, kwargs),
-                               partial(time_loop, ref, batch, args.steps, kwargs), args.repeats)
+            a, b = median_pair(
+                partial(time_loop, ours, batch, args.steps, kwargs),
+                partial(time_loop, ref, batch, args.steps, kwargs),
+                args.repeats,
+            )
             rows.append((f"step {name}, batch {batch}", a, b))
         ours, ref = ours_cls(), ref_cls()
         for n in (50, 1000):
             a, b = median_pair(partial(time_set_timesteps, ours, n), partial(time_set_timesteps, ref, n), args.repeats)
             rows.append((f"set_timesteps {name}, N={n}", a, b))
-            a, b = median_pair(partial(time_set_timesteps_cold, ours_cls, n),
-                               partial(time_set_timesteps_cold, ref_cls, n), args.repeats)
+            a, b = median_pair(
+                partial(time_set_timesteps_cold, ours_cls, n),
+                partial(time_set_timesteps_cold, ref_cls, n),
+                args.repeats,
+            )
             rows.append((f"set_timesteps cold {name}, N={n}", a, b))
-        a, b = median_pair(partial(time_cold_loop, ours_cls, args.steps, kwargs),
-                           partial(time_cold_loop, ref_cls, args.steps, kwargs), args.repeats)
+        a, b = median_pair(
+            partial(time_cold_loop, ours_cls, args.steps, kwargs),
+            partial(time_cold_loop, ref_cls, args.steps, kwargs),
+            args.repeats,
+        )
         rows.append((f"cold set_timesteps + {args.steps} steps {name}", a, b))
     for label, a, b in rows:
         print(f"{label:<40}{a * 1e6:>12.1f}{b * 1e6:>16.1f}{a / b:>8.2f}")

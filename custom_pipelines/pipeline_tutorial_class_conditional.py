@@ -58,7 +58,9 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         if labels.ndim != 1 or labels.numel() == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"class_labels={class_labels!r} must be an int or a non-empty 1-D sequence of ints.")
         if batch_size is not None and labels.numel() != batch_size:
-            raise ValueError(f"class_labels has {labels.numel()} labels but batch_size={batch_size}; give one per sample.")
+            raise ValueError(
+                f"class_labels has {labels.numel()} labels but batch_size={batch_size}; give one per sample."
+            )
         bad = labels[(labels < 0) | (labels >= self.null_class)]
         if bad.numel():
             raise ValueError(

@@ -159,8 +159,10 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         grid = [int(t) for t in self.scheduler.timesteps]
         if len(grid) != num_inference_steps:
-            raise ValueError(f"scheduler={type(self.scheduler).__name__} made {len(grid)} timesteps for N = "
-                             f"{num_inference_steps}; RePaint needs one per step.")
+            raise ValueError(
+                f"scheduler={type(self.scheduler).__name__} made {len(grid)} timesteps for N = "
+                f"{num_inference_steps}; RePaint needs one per step."
+            )
         n_steps = len(grid)
 
         def timestep_at(level: int) -> int:

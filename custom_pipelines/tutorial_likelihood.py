@@ -76,9 +76,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std
     cdf_lo = torch.where(x < -1 + 1e-6, torch.zeros_like(x), normal.cdf(x - BIN_HALF_WIDTH))
     # Far in a tail the difference underflows; there the density times the bin width is accurate.
     mass = (cdf_hi - cdf_lo).clamp(min=1e-300)
-    log_mass = torch.where(
-        mass > 1e-12, mass.log(), normal.log_prob(x) + math.log(2 * BIN_HALF_WIDTH)
-    )
+    log_mass = torch.where(mass > 1e-12, mass.log(), normal.log_prob(x) + math.log(2 * BIN_HALF_WIDTH))
     return log_mass.reshape(x.shape[0], -1).sum(1)
 
 
@@ -339,4 +337,3 @@ def ode_log_likelihood(
     log_prob = prior + integral
     bpd = -log_prob / (D * math.log(2)) + offset_bits
     return ODELikelihood(log_prob, bpd, prior, solution.num_evals)
-

@@ -105,7 +105,11 @@ post_mean, post_var = a * x_obs / (a * a + s2), s2 / (a * a + s2)
 
 def elbo(q_mean, q_var, n=N):
     z = q_mean + math.sqrt(q_var) * torch.randn(n, generator=g, dtype=torch.float64)
-    return (log_normal(torch.tensor(x_obs, dtype=torch.float64), a * z, s2) + log_normal(z, 0.0, 1.0) - log_normal(z, q_mean, q_var)).mean()
+    return (
+        log_normal(torch.tensor(x_obs, dtype=torch.float64), a * z, s2)
+        + log_normal(z, 0.0, 1.0)
+        - log_normal(z, q_mean, q_var)
+    ).mean()
 
 
 q_means = torch.linspace(-1.0, 1.5, 11 if FAST else 26, dtype=torch.float64)

@@ -56,12 +56,15 @@ for t in range(1, 1001):
     beta = betas[t - 1]
     chain = (1 - beta).sqrt() * chain + beta.sqrt() * torch.randn(chain.shape, generator=g, dtype=torch.float64)
     if t in checkpoints:
-        closed = tm.q_sample(x0.repeat(n_copies, 1, 1, 1), torch.randn(chain.shape, generator=g, dtype=torch.float64),
-                             alpha_bar[t - 1])
+        closed = tm.q_sample(
+            x0.repeat(n_copies, 1, 1, 1), torch.randn(chain.shape, generator=g, dtype=torch.float64), alpha_bar[t - 1]
+        )
         mean_exact, std_exact = tm.q_mean_std(x0, alpha_bar[t - 1])
         err_chain = (chain.mean(0) - mean_exact[0]).abs().max().item()
         err_jump = (closed.mean(0) - mean_exact[0]).abs().max().item()
-        rows.append((t, err_chain, err_jump, chain.std(0).mean().item(), closed.std(0).mean().item(), std_exact.item()))
+        rows.append(
+            (t, err_chain, err_jump, chain.std(0).mean().item(), closed.std(0).mean().item(), std_exact.item())
+        )
 print(f"{'t':>5} {'|chain mean-exact|':>19} {'|jump mean-exact|':>18} {'chain std':>10} {'jump std':>9} {'exact':>7}")
 for r in rows:
     print(f"{r[0]:>5} {r[1]:>19.4f} {r[2]:>18.4f} {r[3]:>10.4f} {r[4]:>9.4f} {r[5]:>7.4f}")

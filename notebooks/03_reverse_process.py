@@ -49,8 +49,9 @@ x0 = torch.full((n,), x0_value, dtype=torch.float64)
 x_prev = tm.q_sample(x0, torch.randn(n, generator=g, dtype=torch.float64), alpha_bar[t - 2])  # x_{t-1}
 x_t = (1 - betas[t - 1]).sqrt() * x_prev + betas[t - 1].sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
 near = (x_t - xt_value).abs() < window
-mean, var = tm.q_posterior_mean_variance(x0[:1], torch.tensor([xt_value], dtype=torch.float64),
-                                         alpha_bar[t - 1], alpha_bar[t - 2])
+mean, var = tm.q_posterior_mean_variance(
+    x0[:1], torch.tensor([xt_value], dtype=torch.float64), alpha_bar[t - 1], alpha_bar[t - 2]
+)
 empirical_mean, empirical_var = x_prev[near].mean().item(), x_prev[near].var().item()
 print(f"{int(near.sum())} samples near x_t = {xt_value}")
 print(f"posterior mean: empirical {empirical_mean:.4f}, closed form {mean.item():.4f}")
@@ -89,8 +90,9 @@ print(f"KL = {kl:.6f}; weighted ε-MSE = {weighted_mse:.6f}")
 # on imperceptible detail, one reason the unweighted loss gives better samples.
 
 # %%
-weights = betas[1:] ** 2 / (2 * (1 - alpha_bar_prev[1:]) / (1 - alpha_bar[1:]) * betas[1:]
-                            * (1 - betas[1:]) * (1 - alpha_bar[1:]))
+weights = betas[1:] ** 2 / (
+    2 * (1 - alpha_bar_prev[1:]) / (1 - alpha_bar[1:]) * betas[1:] * (1 - betas[1:]) * (1 - alpha_bar[1:])
+)
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.semilogy(range(2, 1001), weights)
 ax.set_xlabel("t")

@@ -84,8 +84,10 @@ print(f"{final['global_step']} updates in {train_seconds:.0f} s; wrote {sorted(p
 # %%
 losses = [json.loads(line)["loss"] for line in (output_dir / "losses.jsonl").read_text().splitlines()]
 window = 5
-smoothed = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))]
+smoothed = [
+    sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+    for i in range(len(losses))
+]
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.semilogy(range(1, len(losses) + 1), losses, alpha=0.4, label="per update")
 ax.semilogy(range(1, len(losses) + 1), smoothed, label=f"mean of {window}")
@@ -93,8 +95,10 @@ ax.set_xlabel("update")
 ax.set_ylabel(r"$L_\mathrm{simple}$")
 ax.legend()
 plt.show()
-print(f"loss: first {window} updates {sum(losses[:window]) / window:.3f}, last {window} "
-      f"{sum(losses[-window:]) / window:.3f}")
+print(
+    f"loss: first {window} updates {sum(losses[:window]) / window:.3f}, last {window} "
+    f"{sum(losses[-window:]) / window:.3f}"
+)
 
 # %% [markdown]
 # At $t$ near $T$ the input is almost pure noise and predicting $\varepsilon$ is easy ($\varepsilon \approx x_t$); at
@@ -115,8 +119,10 @@ shipped = TutorialUnconditionalPipeline.from_pretrained(SHIPPED)
 for pipe in (brief, shipped):
     pipe.scheduler = TutorialDDPMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-print(brief.scheduler.__class__.__name__, {k: brief.scheduler.config[k] for k in ("beta_schedule", "clip_sample",
-                                                                                   "prediction_type")})
+print(
+    brief.scheduler.__class__.__name__,
+    {k: brief.scheduler.config[k] for k in ("beta_schedule", "clip_sample", "prediction_type")},
+)
 
 # %% [markdown]
 # ## The trajectory: $x_t$ and $\hat x_0$ along one reverse run
@@ -129,12 +135,26 @@ print(brief.scheduler.__class__.__name__, {k: brief.scheduler.config[k] for k in
 
 # %%
 x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-runs = {name: pipe(batch_size=4, latents=x_T, num_inference_steps=SAMPLE_STEPS, output_type="pt",
-                   generator=torch.Generator().manual_seed(2), return_trajectory=True)
-        for name, pipe in (("brief", brief), ("shipped", shipped))}
+runs = {
+    name: pipe(
+        batch_size=4,
+        latents=x_T,
+        num_inference_steps=SAMPLE_STEPS,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(2),
+        return_trajectory=True,
+    )
+    for name, pipe in (("brief", brief), ("shipped", shipped))
+}
 timesteps = runs["shipped"].timesteps
-shown = [0, len(timesteps) // 4, len(timesteps) // 2, 3 * len(timesteps) // 4, int(0.9 * len(timesteps)),
-         len(timesteps) - 1]  # step i reads x_t = trajectory[i] at t = timesteps[i] and predicts x̂_0 from it
+shown = [
+    0,
+    len(timesteps) // 4,
+    len(timesteps) // 2,
+    3 * len(timesteps) // 4,
+    int(0.9 * len(timesteps)),
+    len(timesteps) - 1,
+]  # step i reads x_t = trajectory[i] at t = timesteps[i] and predicts x̂_0 from it
 fig, axes = plt.subplots(4, len(shown), figsize=(1.7 * len(shown), 7.2))
 for r, (name, quantity) in enumerate([(n, q) for n in runs for q in ("x_t", "x0")]):
     for ax, i in zip(axes[r], shown):
@@ -177,14 +197,18 @@ plt.show()
 # %%
 real, _ = load_digits_tensors(resolution=16, split="train")  # the metric's reference set is the held-out "test" split
 noise = torch.randn(NUM_SAMPLES, 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-samples = {name: sample_sharded(pipe.unet, pipe.scheduler, NUM_SAMPLES, SAMPLE_STEPS, seed=0)
-           for name, pipe in (("brief", brief), ("shipped", shipped))}
+samples = {
+    name: sample_sharded(pipe.unet, pipe.scheduler, NUM_SAMPLES, SAMPLE_STEPS, seed=0)
+    for name, pipe in (("brief", brief), ("shipped", shipped))
+}
 metrics = {"real digits (floor)": digits_metrics(real[:NUM_SAMPLES]), "noise (ceiling)": digits_metrics(noise)}
 metrics.update({f"{name}, DDPM-{SAMPLE_STEPS}": digits_metrics(x) for name, x in samples.items()})
 print(f"{NUM_SAMPLES} samples each; brief model: {TRAIN_STEPS} updates, shipped model: 880 updates")
 for name, m in metrics.items():
-    print(f"{name:>24}: Fréchet distance {m['frechet_distance']:7.1f}, classes covered {m['class_coverage']:.1f}, "
-          f"mean classifier confidence {m['mean_confidence']:.2f}")
+    print(
+        f"{name:>24}: Fréchet distance {m['frechet_distance']:7.1f}, classes covered {m['class_coverage']:.1f}, "
+        f"mean classifier confidence {m['mean_confidence']:.2f}"
+    )
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
 for ax, (name, x) in zip(axes, samples.items()):

@@ -91,8 +91,10 @@ for eta in etas:
         std_ratio = (x_t.std(0) / std).mean().item()
         corr = torch.corrcoef(torch.stack([(x_t - mean.float()).flatten(), x_T_noise.flatten()]))[0, 1].item()
         rows.append((eta, t, mean_z, std_ratio, corr))
-        print(f"η = {eta:.1f}, t = {t:3d}: mean error / standard error (RMS over pixels) = {mean_z:.2f}, "
-              f"std / √(1-ᾱ_t) = {std_ratio:.3f}, corr(x_t, x_T) = {corr:+.3f}")
+        print(
+            f"η = {eta:.1f}, t = {t:3d}: mean error / standard error (RMS over pixels) = {mean_z:.2f}, "
+            f"std / √(1-ᾱ_t) = {std_ratio:.3f}, corr(x_t, x_T) = {corr:+.3f}"
+        )
 
 # %% [markdown]
 # Every $\eta$ reproduces DDPM's marginal: the error of the empirical mean is the size of its standard error
@@ -133,8 +135,10 @@ for steps in (T, 50):
     beta_tilde = tm.q_posterior_coefs(ab, ab_prev)[2]  # DDPM eq. (7)
     inner = beta_tilde > 0  # the last step lands on x_0 (ᾱ = 1), where both are exactly 0
     rel_err = ((sigma_eta1 - beta_tilde.sqrt())[inner].abs() / beta_tilde[inner].sqrt()).max().item()
-    print(f"{steps:4d}-step grid: σ_t(η=1) vs √β̃_t, max relative difference {rel_err:.1e} (dtype {sigma_eta1.dtype}); "
-          f"last step σ = {sigma_eta1[-1]:.0f}, √β̃ = {beta_tilde[-1].sqrt():.0f}")
+    print(
+        f"{steps:4d}-step grid: σ_t(η=1) vs √β̃_t, max relative difference {rel_err:.1e} (dtype {sigma_eta1.dtype}); "
+        f"last step σ = {sigma_eta1[-1]:.0f}, √β̃ = {beta_tilde[-1].sqrt():.0f}"
+    )
 
 # %% [markdown]
 # At $\eta = 0$ the step has no noise term: the sampler maps $x_T$ to $x_0$ deterministically (DDIM, the "implicit"
@@ -150,8 +154,17 @@ pipe.scheduler = TutorialDDIMScheduler.from_config(config)
 latents = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 repeat_gap = {}
 for eta in (0.0, 1.0):
-    a, b = (pipe(batch_size=4, latents=latents, num_inference_steps=20, eta=eta, output_type="pt",
-                 generator=torch.Generator().manual_seed(seed)).images for seed in (1, 2))
+    a, b = (
+        pipe(
+            batch_size=4,
+            latents=latents,
+            num_inference_steps=20,
+            eta=eta,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+        for seed in (1, 2)
+    )
     repeat_gap[eta] = (a - b).abs().max().item()
     print(f"η = {eta}: max |run 1 - run 2| = {repeat_gap[eta]:.3f}")
 
@@ -183,8 +196,9 @@ schedulers = {
     "DDPM, clip off": TutorialDDPMScheduler.from_config(config, clip_sample=False),
 }
 samples = {}
-for name, n_steps in [("DDIM, clip on", n) for n in CLIP_STEPS] + [("DDIM, clip off", n) for n in
-                                                                     sorted(set(CLIP_STEPS) | set(STEPS))]:
+for name, n_steps in [("DDIM, clip on", n) for n in CLIP_STEPS] + [
+    ("DDIM, clip off", n) for n in sorted(set(CLIP_STEPS) | set(STEPS))
+]:
     samples[name, n_steps] = sample_sharded(unet, schedulers[name], NUM_SAMPLES, n_steps, seed=0)
 
 
@@ -196,23 +210,30 @@ real, _ = load_digits_tensors(resolution=16, split="train")  # the metric's refe
 real_fd, real_saturated = digits_metrics(real[:NUM_SAMPLES])["frechet_distance"], saturated(real)
 fd = {key: digits_metrics(x)["frechet_distance"] for key, x in samples.items()}
 drift = {n: (samples["DDIM, clip on", n] - samples["DDIM, clip off", n]).abs().mean().item() for n in CLIP_STEPS}
-print(f"{NUM_SAMPLES} samples; real digits: Fréchet distance {real_fd:.0f} (the floor at this n), "
-      f"{100 * real_saturated:.0f}% saturated pixels")
+print(
+    f"{NUM_SAMPLES} samples; real digits: Fréchet distance {real_fd:.0f} (the floor at this n), "
+    f"{100 * real_saturated:.0f}% saturated pixels"
+)
 for n in CLIP_STEPS:
-    print(f"DDIM-{n:<4d} Fréchet distance clip on {fd['DDIM, clip on', n]:6.0f} / off {fd['DDIM, clip off', n]:4.0f};"
-          f"  saturated on {100 * saturated(samples['DDIM, clip on', n]):4.1f}% / off "
-          f"{100 * saturated(samples['DDIM, clip off', n]):4.1f}%;  mean |on - off| {drift[n]:.3f}")
+    print(
+        f"DDIM-{n:<4d} Fréchet distance clip on {fd['DDIM, clip on', n]:6.0f} / off {fd['DDIM, clip off', n]:4.0f};"
+        f"  saturated on {100 * saturated(samples['DDIM, clip on', n]):4.1f}% / off "
+        f"{100 * saturated(samples['DDIM, clip off', n]):4.1f}%;  mean |on - off| {drift[n]:.3f}"
+    )
 lo, hi = CLIP_STEPS[1], CLIP_STEPS[-1]
-converged = {clip: (samples[f"DDIM, clip {clip}", lo] - samples[f"DDIM, clip {clip}", hi]).abs().mean().item()
-             for clip in ("on", "off")}
+converged = {
+    clip: (samples[f"DDIM, clip {clip}", lo] - samples[f"DDIM, clip {clip}", hi]).abs().mean().item()
+    for clip in ("on", "off")
+}
 print(f"mean |DDIM-{lo} - DDIM-{hi}|: clip off {converged['off']:.3f}, clip on {converged['on']:.3f}")
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
 for clip in ("on", "off"):
     axes[0].plot(CLIP_STEPS, [fd[f"DDIM, clip {clip}", n] for n in CLIP_STEPS], "o-", label=f"clip {clip}")
-    axes[1].plot(CLIP_STEPS, [100 * saturated(samples[f"DDIM, clip {clip}", n]) for n in CLIP_STEPS], "o-",
-                 label=f"clip {clip}")
+    axes[1].plot(
+        CLIP_STEPS, [100 * saturated(samples[f"DDIM, clip {clip}", n]) for n in CLIP_STEPS], "o-", label=f"clip {clip}"
+    )
 axes[0].axhline(real_fd, color="k", ls=":", label="real digits")
 axes[1].axhline(100 * real_saturated, color="k", ls=":", label="real digits")
 axes[2].plot(CLIP_STEPS, [drift[n] for n in CLIP_STEPS], "o-", color="C3")

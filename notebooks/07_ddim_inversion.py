@@ -56,8 +56,9 @@ MODEL = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
 # %%
 mixture = GaussianMixture.random(dim=16, num_modes=3, seed=0)
 exact_scheduler = TutorialDDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
-exact_pipe = TutorialDDIMInversionPipeline(unet=mixture.as_unet(exact_scheduler.alpha_bar, (1, 4, 4)),
-                                           scheduler=exact_scheduler)
+exact_pipe = TutorialDDIMInversionPipeline(
+    unet=mixture.as_unet(exact_scheduler.alpha_bar, (1, 4, 4)), scheduler=exact_scheduler
+)
 exact_pipe.set_progress_bar_config(disable=True)
 x0_mix = mixture.sample(8, generator=torch.Generator().manual_seed(0)).reshape(8, 1, 4, 4)
 
@@ -112,8 +113,9 @@ with torch.no_grad():
     for n in digit_steps:
         z = pipe.invert((x0 + 1) / 2, num_inference_steps=n).latents
         rec = pipe(batch_size=16, latents=z, num_inference_steps=n, output_type="pt", return_trajectory=True)
-        rec_clip = clipped_pipe(batch_size=16, latents=z, num_inference_steps=n, output_type="pt",
-                                return_trajectory=True)
+        rec_clip = clipped_pipe(
+            batch_size=16, latents=z, num_inference_steps=n, output_type="pt", return_trajectory=True
+        )
         recon_rms.append((rec.trajectory[-1] - x0).pow(2).mean().sqrt().item())
         clipped_rms.append((rec_clip.trajectory[-1] - x0).pow(2).mean().sqrt().item())
         latents[n] = z
@@ -159,12 +161,14 @@ plt.show()
 z = latents[digit_steps[-1]]
 latent_mean, latent_std = z.mean().item(), z.std().item()
 for n in digit_steps:
-    print(f"N = {n:3d}: latent mean {latents[n].mean():+.3f}, std {latents[n].std():.3f}, "
-          f"mean norm {latents[n].flatten(1).norm(dim=1).mean():.2f} (√D = 16)")
+    print(
+        f"N = {n:3d}: latent mean {latents[n].mean():+.3f}, std {latents[n].std():.3f}, "
+        f"mean norm {latents[n].flatten(1).norm(dim=1).mean():.2f} (√D = 16)"
+    )
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1.3, 2]})
 grid = np.linspace(-4, 4, 200)
 ax1.hist(z.flatten().numpy(), bins=50, density=True, alpha=0.6, label=f"x_T, N = {digit_steps[-1]}")
-ax1.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k", label="N(0, 1)")
+ax1.plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), "k", label="N(0, 1)")
 ax1.legend()
 ax1.set_title("pixel values of the inverted latents")
 ax2.imshow(torch.cat(list(z[:8, 0]), dim=1), cmap="gray")
@@ -193,8 +197,9 @@ index_a, index_b = int((labels == 0).nonzero()[0]), int((labels == 7).nonzero()[
 with torch.no_grad():
     z_a = pipe.invert((digits[index_a : index_a + 1] + 1) / 2, num_inference_steps=n_interp).latents
     z_b = pipe.invert((digits[index_b : index_b + 1] + 1) / 2, num_inference_steps=n_interp).latents
-    path_slerp = pipe.interpolate(latents_a=z_a, latents_b=z_b, num_points=num_points,
-                                  num_inference_steps=n_interp, output_type="pt").images
+    path_slerp = pipe.interpolate(
+        latents_a=z_a, latents_b=z_b, num_points=num_points, num_inference_steps=n_interp, output_type="pt"
+    ).images
     alphas = torch.linspace(0, 1, num_points).tolist()
     z_line = torch.cat([(1 - a) * z_a + a * z_b for a in alphas])
     path_line = pipe(batch_size=num_points, latents=z_line, num_inference_steps=n_interp, output_type="pt").images
@@ -203,8 +208,10 @@ fine = np.linspace(0, 1, 101)
 norm_slerp = np.array([slerp(z_a, z_b, a).norm().item() for a in fine])
 norm_line = np.array([((1 - a) * z_a + a * z_b).norm().item() for a in fine])
 angle = torch.arccos(torch.nn.functional.cosine_similarity(z_a.flatten(1), z_b.flatten(1))).item()
-print(f"|z_a| = {z_a.norm():.2f}, |z_b| = {z_b.norm():.2f}, angle {np.degrees(angle):.0f}°; "
-      f"midpoint norm: slerp {norm_slerp[50]:.2f}, straight line {norm_line[50]:.2f}")
+print(
+    f"|z_a| = {z_a.norm():.2f}, |z_b| = {z_b.norm():.2f}, angle {np.degrees(angle):.0f}°; "
+    f"midpoint norm: slerp {norm_slerp[50]:.2f}, straight line {norm_line[50]:.2f}"
+)
 
 fig = plt.figure(figsize=(11, 4))
 for row, (name, path) in enumerate((("slerp", path_slerp), ("linear", path_line))):

@@ -46,15 +46,20 @@ MODEL = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
 # $\log q_t$, the closed form, and the optimal ε converted by `tm.eps_to_score`.
 
 # %%
-mixture = GaussianMixture(weights=torch.tensor([0.2, 0.5, 0.3]), means=torch.tensor([[-0.6], [0.05], [0.65]]),
-                          variances=torch.tensor([0.08, 0.12, 0.05]) ** 2)
+mixture = GaussianMixture(
+    weights=torch.tensor([0.2, 0.5, 0.3]),
+    means=torch.tensor([[-0.6], [0.05], [0.65]]),
+    variances=torch.tensor([0.08, 0.12, 0.05]) ** 2,
+)
 ddpm = TutorialDDPMScheduler(clip_sample=False)  # linear β, T = 1000
 alpha_bar = ddpm.alpha_bar[300]
 x = torch.linspace(-1.5, 1.5, 301, dtype=torch.float64)[:, None].requires_grad_(True)
 score_autograd = torch.autograd.grad(mixture.log_prob(x, alpha_bar).sum(), x)[0]
 score_closed = mixture.score(x.detach(), alpha_bar)
 score_from_eps = tm.eps_to_score(mixture.eps(x.detach(), alpha_bar), alpha_bar)
-score_error = max((score_autograd - score_closed).abs().max().item(), (score_from_eps - score_closed).abs().max().item())
+score_error = max(
+    (score_autograd - score_closed).abs().max().item(), (score_from_eps - score_closed).abs().max().item()
+)
 print(f"max difference between the three scores: {score_error:.1e}")
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 3))
@@ -149,9 +154,13 @@ vp_pc = TutorialScoreSDEScheduler.from_config(ddpm.config, sde_type="vp", correc
 n_fine = 200 if FAST else 500
 x_pc, nfe_pc = sample(vp_pc, n_fine)
 pc_weights = weights_of(x_pc)
-print(f"VP predictor-corrector, {n_fine} steps ({nfe_pc} NFE): W1 = {wasserstein_1d(x_pc, data):.4f} (floor {floor:.4f})")
-print(f"weights {pc_weights.numpy().round(3)} (truth {mixture.weights.numpy().round(3)}); "
-      f"mean {x_pc.mean():.4f} (truth {true_mean:.4f}); variance {x_pc.var():.4f} (truth {true_var:.4f})")
+print(
+    f"VP predictor-corrector, {n_fine} steps ({nfe_pc} NFE): W1 = {wasserstein_1d(x_pc, data):.4f} (floor {floor:.4f})"
+)
+print(
+    f"weights {pc_weights.numpy().round(3)} (truth {mixture.weights.numpy().round(3)}); "
+    f"mean {x_pc.mean():.4f} (truth {true_mean:.4f}); variance {x_pc.var():.4f} (truth {true_var:.4f})"
+)
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.hist(x_pc.flatten().numpy(), bins=120, range=(-1.2, 1.2), density=True, alpha=0.5, label="reverse VP SDE (PC)")
@@ -212,12 +221,17 @@ plt.show()
 
 # %%
 shipped = TutorialUnconditionalPipeline.from_pretrained(MODEL)
-shipped.scheduler = TutorialScoreSDEScheduler.from_config(shipped.scheduler.config, sde_type="vp",
-                                                          corrector="langevin")
+shipped.scheduler = TutorialScoreSDEScheduler.from_config(
+    shipped.scheduler.config, sde_type="vp", corrector="langevin"
+)
 shipped.set_progress_bar_config(disable=True)
 with torch.no_grad():
-    digits = shipped(batch_size=16, num_inference_steps=25 if FAST else 100, generator=torch.Generator().manual_seed(0),
-                     output_type="pt").images
+    digits = shipped(
+        batch_size=16,
+        num_inference_steps=25 if FAST else 100,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
 fig, ax = plt.subplots(figsize=(8, 1.2))
 ax.imshow(torch.cat(list(digits[:, 0]), dim=1), cmap="gray", vmin=0, vmax=1)
 ax.set_axis_off()

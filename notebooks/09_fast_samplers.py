@@ -89,8 +89,11 @@ def error(x):
 
 fig, ax = plt.subplots(figsize=(4, 4))
 ax.scatter(*reference.sample.T, s=4, label="PF-ODE reference")
-ax.scatter(*sample(TutorialPFODEScheduler.from_config(ddpm.config, solver="euler"), model, x_T, 5)[0].T, s=4,
-           label="DDIM, 5 NFE")
+ax.scatter(
+    *sample(TutorialPFODEScheduler.from_config(ddpm.config, solver="euler"), model, x_T, 5)[0].T,
+    s=4,
+    label="DDIM, 5 NFE",
+)
 ax.set_aspect("equal")
 ax.legend(loc="center")
 plt.show()
@@ -105,8 +108,9 @@ plt.show()
 grid = [999.0, 666.0, 333.0, 0.0]
 x_ddim = sample(TutorialDDIMScheduler.from_config(ddpm.config, clip_sample=False), model, x_T, timesteps=grid)[0]
 x_euler = sample(TutorialPFODEScheduler.from_config(ddpm.config, solver="euler"), model, x_T, timesteps=grid)[0]
-x_dpm1 = sample(TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config, solver_order=1), model, x_T,
-                timesteps=grid)[0]
+x_dpm1 = sample(
+    TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config, solver_order=1), model, x_T, timesteps=grid
+)[0]
 ddim_vs_euler = max((x_ddim - x_euler).abs().max().item(), (x_ddim - x_dpm1).abs().max().item())
 print(f"max |DDIM - Euler|, |DDIM - DPM-Solver++(1)| = {ddim_vs_euler:.1e}")
 
@@ -118,16 +122,31 @@ print(f"max |DDIM - Euler|, |DDIM - DPM-Solver++(1)| = {ddim_vs_euler:.1e}")
 
 # %%
 solvers = {  # name: (scheduler, theoretical order, grid sizes N; steps n = N - 1)
-    "DDIM (Euler)": (TutorialPFODEScheduler.from_config(ddpm.config, solver="euler", step_placement="logsnr"), 1,
-                     [5, 10, 20, 40, 80]),
-    "Heun": (TutorialPFODEScheduler.from_config(ddpm.config, solver="heun", step_placement="logsnr"), 2,
-             [3, 5, 10, 20, 40, 80]),
-    "RK4": (TutorialPFODEScheduler.from_config(ddpm.config, solver="rk4", step_placement="logsnr"), 4,
-            [3, 5, 10, 20, 40]),
-    "DPM-Solver++ 2": (TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config, solver_order=2), 2,
-                       [5, 10, 20, 40, 80]),
-    "DPM-Solver++ 3": (TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config, solver_order=3), 3,
-                       [5, 10, 20, 40, 80, 160, 320]),
+    "DDIM (Euler)": (
+        TutorialPFODEScheduler.from_config(ddpm.config, solver="euler", step_placement="logsnr"),
+        1,
+        [5, 10, 20, 40, 80],
+    ),
+    "Heun": (
+        TutorialPFODEScheduler.from_config(ddpm.config, solver="heun", step_placement="logsnr"),
+        2,
+        [3, 5, 10, 20, 40, 80],
+    ),
+    "RK4": (
+        TutorialPFODEScheduler.from_config(ddpm.config, solver="rk4", step_placement="logsnr"),
+        4,
+        [3, 5, 10, 20, 40],
+    ),
+    "DPM-Solver++ 2": (
+        TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config, solver_order=2),
+        2,
+        [5, 10, 20, 40, 80],
+    ),
+    "DPM-Solver++ 3": (
+        TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config, solver_order=3),
+        3,
+        [5, 10, 20, 40, 80, 160, 320],
+    ),
 }
 curves, slopes = {}, {}
 for name, (scheduler, order, sizes) in solvers.items():
@@ -157,8 +176,10 @@ def error_at(name, nfe):
 
 
 for budget in (10, 20, 40):
-    print(f"NFE ≤ {budget}: " + ", ".join(f"{name} {error_at(name, budget):.1e}" for name in curves
-                                           if error_at(name, budget) is not None))
+    print(
+        f"NFE ≤ {budget}: "
+        + ", ".join(f"{name} {error_at(name, budget):.1e}" for name in curves if error_at(name, budget) is not None)
+    )
 
 # %% [markdown]
 # The slopes match the theory (1, 2, 4, 2, 3). From about 20 NFE on, the multistep DPM-Solver++ wins at equal NFE:

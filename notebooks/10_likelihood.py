@@ -93,13 +93,21 @@ true_nll = -gmm.log_prob(x_data)  # ᾱ = 1: the data density itself
 grid_sizes = [10, 30, 100, 300] if FAST else [10, 20, 50, 100, 200, 500, 1000]
 gaps, gap_errors = [], []
 for num_steps in grid_sizes:
-    vb = variational_bound(exact_model, scheduler, x_data, num_steps=num_steps, decoder="gaussian",
-                           generator=torch.Generator().manual_seed(4))
+    vb = variational_bound(
+        exact_model,
+        scheduler,
+        x_data,
+        num_steps=num_steps,
+        decoder="gaussian",
+        generator=torch.Generator().manual_seed(4),
+    )
     difference = vb.nats - true_nll
     gaps.append(difference.mean().item())
     gap_errors.append(difference.std().item() / math.sqrt(len(x_data)))
-    print(f"K = {num_steps:4d}: bound {vb.nats.mean():9.3f} nats  (prior {vb.prior.mean():.1e}, steps "
-          f"{vb.steps.sum(1).mean():8.3f}, decoder {vb.decoder.mean():7.3f})   gap {gaps[-1]:8.3f} ± {gap_errors[-1]:.3f}")
+    print(
+        f"K = {num_steps:4d}: bound {vb.nats.mean():9.3f} nats  (prior {vb.prior.mean():.1e}, steps "
+        f"{vb.steps.sum(1).mean():8.3f}, decoder {vb.decoder.mean():7.3f})   gap {gaps[-1]:8.3f} ± {gap_errors[-1]:.3f}"
+    )
 print(f"true NLL {true_nll.mean():.3f} nats = {true_nll.mean() / (2 * math.log(2)):.3f} bits/dim")
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -144,12 +152,17 @@ true_bpd_8bit = -torch.log((gmm.weights * bin_mass.prod(-1)).sum(1)) / (2 * math
 vb_8bit = variational_bound(exact_model, scheduler, x_8bit, num_steps=200 if FAST else 1000, generator=g)
 vb_8bit_error = (vb_8bit.bits_per_dim - true_bpd_8bit).std().item() / math.sqrt(len(x_8bit))
 n_ode = 16 if FAST else 64
-ode_8bit = ode_log_likelihood(exact_model, scheduler, x_8bit[:n_ode], dequantize=True, rtol=1e-6, atol=1e-6,
-                              generator=g)
+ode_8bit = ode_log_likelihood(
+    exact_model, scheduler, x_8bit[:n_ode], dequantize=True, rtol=1e-6, atol=1e-6, generator=g
+)
 ode_8bit_error = (ode_8bit.bits_per_dim - true_bpd_8bit[:n_ode]).std().item() / math.sqrt(n_ode)
-print(f"exact discrete NLL          {true_bpd_8bit.mean():.4f} bits/dim  (first {n_ode}: {true_bpd_8bit[:n_ode].mean():.4f})")
-print(f"discretized bound, K = {len(vb_8bit.timesteps):4d}  {vb_8bit.bits_per_dim.mean():.4f} bits/dim "
-      f"(± {vb_8bit_error:.4f})")
+print(
+    f"exact discrete NLL          {true_bpd_8bit.mean():.4f} bits/dim  (first {n_ode}: {true_bpd_8bit[:n_ode].mean():.4f})"
+)
+print(
+    f"discretized bound, K = {len(vb_8bit.timesteps):4d}  {vb_8bit.bits_per_dim.mean():.4f} bits/dim "
+    f"(± {vb_8bit_error:.4f})"
+)
 print(f"dequantized ODE ({n_ode} points)  {ode_8bit.bits_per_dim.mean():.4f} bits/dim (± {ode_8bit_error:.4f})")
 
 # %% [markdown]
@@ -173,15 +186,24 @@ digits = torch.round((held_out[:n_digits] + 1) * 127.5) / 127.5 - 1  # on the 8-
 digit_grid_sizes = [10, 25] if FAST else [10, 25, 50, 100]
 digit_bounds = {}
 for num_steps in digit_grid_sizes:
-    digit_bounds[num_steps] = pipe.variational_bound_dataset(digits.split(4), num_steps=num_steps,
-                                                             generator=torch.Generator().manual_seed(0))
+    digit_bounds[num_steps] = pipe.variational_bound_dataset(
+        digits.split(4), num_steps=num_steps, generator=torch.Generator().manual_seed(0)
+    )
     print(f"variational bound, K = {num_steps:3d}: {digit_bounds[num_steps].bits_per_dim:7.3f} bits/dim")
-ode_digits = pipe.log_likelihood(digits, trace="hutchinson", dequantize=True, rtol=1e-1 if FAST else 1e-3,
-                                 atol=1e-1 if FAST else 1e-3, generator=torch.Generator().manual_seed(0))
+ode_digits = pipe.log_likelihood(
+    digits,
+    trace="hutchinson",
+    dequantize=True,
+    rtol=1e-1 if FAST else 1e-3,
+    atol=1e-1 if FAST else 1e-3,
+    generator=torch.Generator().manual_seed(0),
+)
 vb_digits = digit_bounds[digit_grid_sizes[-1]].bits_per_dim
 ode_bpd = ode_digits.bits_per_dim.mean().item()
-print(f"ODE likelihood (dequantized, Hutchinson): {ode_bpd:.3f} bits/dim in {ode_digits.num_evals} evaluations; "
-      f"per image {[round(v, 2) for v in ode_digits.bits_per_dim.tolist()]}")
+print(
+    f"ODE likelihood (dequantized, Hutchinson): {ode_bpd:.3f} bits/dim in {ode_digits.num_evals} evaluations; "
+    f"per image {[round(v, 2) for v in ode_digits.bits_per_dim.tolist()]}"
+)
 
 # %% [markdown]
 # Where does the bound lose its bits? The per-step terms (in bits/dim, at the finest grid) pile up at the smallest
@@ -192,8 +214,9 @@ print(f"ODE likelihood (dequantized, Hutchinson): {ode_bpd:.3f} bits/dim in {ode
 best = digit_bounds[digit_grid_sizes[-1]]
 timesteps = best.timesteps[1:]  # step k goes from timesteps[k + 1] down to timesteps[k]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-axes[0].plot(digit_grid_sizes, [digit_bounds[k].bits_per_dim for k in digit_grid_sizes], "o-",
-             label="variational bound")
+axes[0].plot(
+    digit_grid_sizes, [digit_bounds[k].bits_per_dim for k in digit_grid_sizes], "o-", label="variational bound"
+)
 axes[0].axhline(ode_bpd, color="C1", ls="--", label="ODE (dequantized)")
 axes[0].axhline(8, color="gray", ls=":", label="uniform over 256 levels")
 axes[0].set_xscale("log")
@@ -204,8 +227,10 @@ axes[0].legend()
 axes[1].semilogy(timesteps, best.steps_bits_per_dim, ".-")
 axes[1].set_xlabel("t of the step t → t'")
 axes[1].set_ylabel("KL term (bits/dim)")
-axes[1].set_title(f"K = {digit_grid_sizes[-1]}: prior {best.prior_bits_per_dim:.1e}, "
-                  f"decoder {best.decoder_bits_per_dim:.2f} bits/dim")
+axes[1].set_title(
+    f"K = {digit_grid_sizes[-1]}: prior {best.prior_bits_per_dim:.1e}, "
+    f"decoder {best.decoder_bits_per_dim:.2f} bits/dim"
+)
 plt.tight_layout()
 plt.show()
 

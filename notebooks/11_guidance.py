@@ -71,9 +71,13 @@ for w in scales:
         eps = guided_output(eps_u(x, t), eps_c(x, t), w, channels=1)
         x = scheduler.step(eps, t, x).prev_sample
     toy[w] = x[:, 0]
-    print(f"w = {w}: mean {x.mean():+.3f}, std {x.std():.3f}, fraction on the wrong side (x < 0) {(x < 0).double().mean():.4f}")
-print("class 1 itself: mean +0.500, std 0.300, fraction below 0 = Φ(-0.5/0.3) = "
-      f"{torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(-0.5 / 0.3)):.4f}")
+    print(
+        f"w = {w}: mean {x.mean():+.3f}, std {x.std():.3f}, fraction on the wrong side (x < 0) {(x < 0).double().mean():.4f}"
+    )
+print(
+    "class 1 itself: mean +0.500, std 0.300, fraction below 0 = Φ(-0.5/0.3) = "
+    f"{torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(-0.5 / 0.3)):.4f}"
+)
 
 # %%
 grid = torch.linspace(-1.6, 2.2, 400, dtype=torch.float64)
@@ -115,8 +119,10 @@ for w in digit_scales:
     ddim = TutorialDDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     samples[w] = sample_sharded(pipe.unet.eval(), ddim, n_digits, steps, class_labels=labels, guidance_scale=w)
     metrics[w] = digits_metrics(samples[w], class_labels=labels)
-    print(f"w = {w:3g}: conditional accuracy {metrics[w]['conditional_accuracy']:.3f}, "
-          f"Fréchet distance {metrics[w]['frechet_distance']:6.1f}")
+    print(
+        f"w = {w:3g}: conditional accuracy {metrics[w]['conditional_accuracy']:.3f}, "
+        f"Fréchet distance {metrics[w]['frechet_distance']:6.1f}"
+    )
 
 # %%
 fig, axes = plt.subplots(1, len(digit_scales), figsize=(3.2 * len(digit_scales), 3.6))
@@ -152,8 +158,10 @@ w = digit_scales[-1]
 clipped_samples = sample_sharded(pipe.unet.eval(), clipped, n_digits, steps, class_labels=labels, guidance_scale=w)
 clipped_metrics = digits_metrics(clipped_samples, class_labels=labels)
 for name, m in (("clip_sample=False", metrics[w]), ("clip_sample=True", clipped_metrics)):
-    print(f"w = {w:g}, {name:>17}: conditional accuracy {m['conditional_accuracy']:.3f}, "
-          f"Fréchet distance {m['frechet_distance']:6.1f}")
+    print(
+        f"w = {w:g}, {name:>17}: conditional accuracy {m['conditional_accuracy']:.3f}, "
+        f"Fréchet distance {m['frechet_distance']:6.1f}"
+    )
 fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6))
 for ax, images, title in ((axes[0], samples[w], "clip_sample=False"), (axes[1], clipped_samples, "clip_sample=True")):
     ax.imshow(make_grid(images[:50], nrow=10), cmap="gray")

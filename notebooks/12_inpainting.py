@@ -81,7 +81,9 @@ plt.show()
 # %%
 folder = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
 base = TutorialUnconditionalPipeline.from_pretrained(folder)
-pipe = TutorialRePaintPipeline(unet=base.unet.eval(), scheduler=TutorialDDPMScheduler.from_config(base.scheduler.config))
+pipe = TutorialRePaintPipeline(
+    unet=base.unet.eval(), scheduler=TutorialDDPMScheduler.from_config(base.scheduler.config)
+)
 pipe.set_progress_bar_config(disable=True)
 
 held_out, labels = load_digits_tensors(16, "test")
@@ -101,7 +103,9 @@ settings = {
 }
 inpainted = {}
 for name, kwargs in settings.items():
-    images = pipe((digits + 1) / 2, masks, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
+    images = pipe(
+        (digits + 1) / 2, masks, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs
+    ).images
     inpainted[name] = images * 2 - 1  # back to the model's [-1, 1]
 known_error = max(((x - digits) * masks).abs().max().item() for x in inpainted.values())
 print(f"max |output - input| on the known pixels, over all samplers: {known_error:.1e}")
@@ -135,11 +139,14 @@ plt.show()
 # %%
 classifier = load_classifier()
 with torch.no_grad():
+
     def accuracy(x):
         return (classifier(x).argmax(-1) == labels).float().mean().item()
 
-    results = {"original digits": accuracy(digits),
-               "known half only (rest background)": accuracy(masks * digits + (1 - masks) * digits.min())}
+    results = {
+        "original digits": accuracy(digits),
+        "known half only (rest background)": accuracy(masks * digits + (1 - masks) * digits.min()),
+    }
     results.update({name: accuracy(x) for name, x in inpainted.items()})
 for name, acc in results.items():
     print(f"{name:36s} accuracy {acc:.3f} ± {math.sqrt(acc * (1 - acc) / n_digits):.3f}")
@@ -171,14 +178,17 @@ ring_pipe.set_progress_bar_config(disable=True)
 
 x1 = 0.6
 first = torch.distributions.Normal(gmm.means[:, 0], gmm.variances[:, 0].sqrt())
-conditional = GaussianMixture(gmm.weights * first.log_prob(torch.tensor(x1, dtype=torch.float64)).exp(),
-                              gmm.means[:, 1:], gmm.variances[:, 1:])
+conditional = GaussianMixture(
+    gmm.weights * first.log_prob(torch.tensor(x1, dtype=torch.float64)).exp(), gmm.means[:, 1:], gmm.variances[:, 1:]
+)
 n_points = 1000 if FAST else 4000
 exact_x2 = conditional.sample(n_points, torch.Generator().manual_seed(1))[:, 0]
 given = torch.zeros(n_points, 2, 1, 1, dtype=torch.float64)
 given[:, 0] = x1
-ring_settings = {"replacement, N = 50": dict(num_inference_steps=50, jump_n_sample=1),
-                 "RePaint, N = 50, j = 5, r = 5": dict(num_inference_steps=50, jump_length=5, jump_n_sample=5)}
+ring_settings = {
+    "replacement, N = 50": dict(num_inference_steps=50, jump_n_sample=1),
+    "RePaint, N = 50, j = 5, r = 5": dict(num_inference_steps=50, jump_length=5, jump_n_sample=5),
+}
 
 
 def wasserstein_1d(a, b):
@@ -188,8 +198,17 @@ def wasserstein_1d(a, b):
 
 ring_x2, ring_w1 = {}, {}
 for name, kwargs in ring_settings.items():
-    out = ring_pipe((given + 1) / 2, torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1), output_type="pt",
-                    generator=torch.Generator().manual_seed(0), **kwargs).images * 2 - 1
+    out = (
+        ring_pipe(
+            (given + 1) / 2,
+            torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1),
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        ).images
+        * 2
+        - 1
+    )
     ring_x2[name] = out[:, 1, 0, 0]
     ring_w1[name] = wasserstein_1d(ring_x2[name], exact_x2)
 ring_known_error = (out[:, 0, 0, 0] - x1).abs().max().item()

@@ -1,7 +1,7 @@
 """Execute the tutorial notebooks from their py:percent sources (jupytext) and optionally refresh the .ipynb files.
 
-    python notebooks/run_notebooks.py --write            # full size, rewrite every NN_*.ipynb with its outputs
-    python notebooks/run_notebooks.py --fast 03 04       # small sizes (what `make test` runs), no files written
+python notebooks/run_notebooks.py --write            # full size, rewrite every NN_*.ipynb with its outputs
+python notebooks/run_notebooks.py --fast 03 04       # small sizes (what `make test` runs), no files written
 """
 
 import argparse
@@ -27,7 +27,9 @@ def execute(source: Path, fast: bool, timeout: int = 600) -> nbformat.NotebookNo
     """Run one notebook top to bottom in a fresh kernel (cwd = notebooks/); raises on the first failing cell."""
     notebook = jupytext.read(source)
     os.environ["TUTORIAL_FAST"] = "1" if fast else "0"
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}})
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+    )
     client.execute()
     return notebook
 

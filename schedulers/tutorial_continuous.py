@@ -81,7 +81,11 @@ class TutorialContinuousScheduler:
         if timesteps is not None:
             grid = tm.check_custom_grid(timesteps, T)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 2:
+        if (
+            not isinstance(num_inference_steps, int)
+            or isinstance(num_inference_steps, bool)
+            or num_inference_steps < 2
+        ):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 2.")
         if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)

@@ -8,10 +8,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["schedulers", "custom_pipelines", "training"]
 # What each layer may import from this project (its own package included).
-ALLOWED = {"schedulers": {"schedulers"}, "custom_pipelines": {"schedulers", "custom_pipelines"},
-           "training": set(LAYERS)}
-FORBIDDEN_THIRD_PARTY = {"schedulers": {"accelerate", "datasets", "transformers"},
-                         "custom_pipelines": {"accelerate", "datasets"}}
+ALLOWED = {
+    "schedulers": {"schedulers"},
+    "custom_pipelines": {"schedulers", "custom_pipelines"},
+    "training": set(LAYERS),
+}
+FORBIDDEN_THIRD_PARTY = {
+    "schedulers": {"accelerate", "datasets", "transformers"},
+    "custom_pipelines": {"accelerate", "datasets"},
+}
 
 
 def imported_top_levels(path: Path):

@@ -383,8 +383,14 @@ def likelihood_metrics(pipe, num_images: int, vb_steps: int = 100, ode_tolerance
     images, _ = load_digits_tensors(resolution=pipe.unet.config.sample_size, split="test")
     images = torch.round((images[:num_images] + 1) * 127.5) / 127.5 - 1  # 8-bit data in [-1, 1]
     vb = pipe.variational_bound(images, num_steps=vb_steps, generator=torch.Generator().manual_seed(seed))
-    ode = pipe.log_likelihood(images, trace="hutchinson", dequantize=True, rtol=ode_tolerance, atol=ode_tolerance,
-                              generator=torch.Generator().manual_seed(seed))
+    ode = pipe.log_likelihood(
+        images,
+        trace="hutchinson",
+        dequantize=True,
+        rtol=ode_tolerance,
+        atol=ode_tolerance,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return {
         "likelihood_num_images": int(images.shape[0]),
         "elbo_bits_per_dim": float(vb.bits_per_dim.mean()),
@@ -405,9 +411,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--grid", default=None, help="Write a PNG grid of the samples here.")
     p.add_argument("--output", default=None, help="Write the metrics as JSON here.")
-    p.add_argument("--likelihood_samples", type=int, default=0,
-                   help="Also report the variational bound and the ODE likelihood (bits/dim) of this many held-out "
-                   "digits (0: skip).")
+    p.add_argument(
+        "--likelihood_samples",
+        type=int,
+        default=0,
+        help="Also report the variational bound and the ODE likelihood (bits/dim) of this many held-out "
+        "digits (0: skip).",
+    )
     p.add_argument("--elbo_steps", type=int, default=100, help="Grid size of the variational bound.")
     p.add_argument("--ode_tolerance", type=float, default=1e-3, help="rtol = atol of the ODE likelihood solver.")
     args = p.parse_args(argv)

@@ -32,8 +32,9 @@ class Problem:
 
     def reference(self, scheduler):
         if self._reference is None:
-            solution = solve_pf_ode(self.model, scheduler, self.x_T, rtol=REFERENCE_TOL, atol=REFERENCE_TOL,
-                                    max_evals=50000)
+            solution = solve_pf_ode(
+                self.model, scheduler, self.x_T, rtol=REFERENCE_TOL, atol=REFERENCE_TOL, max_evals=50000
+            )
             self._reference = solution.sample
         return self._reference
 

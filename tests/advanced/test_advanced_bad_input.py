@@ -19,16 +19,34 @@ def test_snr_must_be_positive(snr):
 @pytest.mark.parametrize(
     "cls, kwargs, pattern",
     [
-        (TutorialDPMSolverPlusPlusScheduler, {"solver_order": 4}, r"solver_order=4 is not supported; choose one of \(1, 2, 3\)"),
-        (TutorialDPMSolverPlusPlusScheduler, {"step_placement": "quadratic"},
-         r"step_placement='quadratic' is not supported; choose one of \('logsnr', 'karras', 'time_uniform'\)"),
-        (TutorialPFODEScheduler, {"solver": "rk45"}, r"solver='rk45' is not supported; choose one of \('euler', 'heun', 'rk4'\)"),
+        (
+            TutorialDPMSolverPlusPlusScheduler,
+            {"solver_order": 4},
+            r"solver_order=4 is not supported; choose one of \(1, 2, 3\)",
+        ),
+        (
+            TutorialDPMSolverPlusPlusScheduler,
+            {"step_placement": "quadratic"},
+            r"step_placement='quadratic' is not supported; choose one of \('logsnr', 'karras', 'time_uniform'\)",
+        ),
+        (
+            TutorialPFODEScheduler,
+            {"solver": "rk45"},
+            r"solver='rk45' is not supported; choose one of \('euler', 'heun', 'rk4'\)",
+        ),
         (TutorialPFODEScheduler, {"step_placement": "leading"}, r"step_placement='leading' is not supported"),
-        (TutorialScoreSDEScheduler, {"sde_type": "vpsde"}, r"sde_type='vpsde' is not supported; choose one of \('vp', 'subvp', 've'\)"),
+        (
+            TutorialScoreSDEScheduler,
+            {"sde_type": "vpsde"},
+            r"sde_type='vpsde' is not supported; choose one of \('vp', 'subvp', 've'\)",
+        ),
         (TutorialScoreSDEScheduler, {"corrector": "ald"}, r"corrector='ald' is not supported"),
         (TutorialScoreSDEScheduler, {"n_corrector_steps": -1}, r"n_corrector_steps=-1 must be an integer >= 0"),
-        (TutorialDPMSolverPlusPlusScheduler, {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
-         r"rescale_betas_zero_snr=True is not supported"),
+        (
+            TutorialDPMSolverPlusPlusScheduler,
+            {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+            r"rescale_betas_zero_snr=True is not supported",
+        ),
         (TutorialPFODEScheduler, {"prediction_type": "score"}, r"prediction_type='score' is not supported"),
     ],
 )
@@ -46,7 +64,9 @@ def test_tolerances_must_be_positive(rtol, atol):
 
 def test_evaluation_budget_exceeded_says_where_it_got():
     p = Problem(GaussianMixture.ring(), batch=4)
-    with pytest.raises(EvaluationBudgetExceeded, match=r"reached λ=.*\(t=.*\).* after \d+ model evaluations.*max_evals=40"):
+    with pytest.raises(
+        EvaluationBudgetExceeded, match=r"reached λ=.*\(t=.*\).* after \d+ model evaluations.*max_evals=40"
+    ):
         solve_pf_ode(p.model, p.ddpm, p.x_T, rtol=1e-10, atol=1e-10, max_evals=40)
     with pytest.raises(ValueError, match=r"max_evals=3 must be an integer >= 7"):
         solve_pf_ode(p.model, p.ddpm, p.x_T, max_evals=3)

@@ -16,9 +16,16 @@ from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 @pytest.mark.parametrize(
@@ -36,8 +43,9 @@ def test_pipeline_runs_our_scheduler(unet, cls, kwargs, evals):
     try:
         pipe = TutorialUnconditionalPipeline(unet=unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                      output_type="pt").images
+        images = pipe(
+            batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
     finally:
         hook.remove()
     assert images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images).all())
@@ -49,7 +57,9 @@ def public_config(scheduler):
     return {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
 
 
-@pytest.mark.parametrize("cls", [TutorialDPMSolverPlusPlusScheduler, TutorialPFODEScheduler, TutorialScoreSDEScheduler])
+@pytest.mark.parametrize(
+    "cls", [TutorialDPMSolverPlusPlusScheduler, TutorialPFODEScheduler, TutorialScoreSDEScheduler]
+)
 def test_save_and_load_round_trip(cls, tmp_path):
     from diffusers import DDIMScheduler
 
@@ -70,8 +80,16 @@ def test_likelihoods_run_on_a_float32_unet(unet):
 
     x = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     ddpm = TutorialDDPMScheduler()
-    ode = ode_log_likelihood(model, ddpm, x, trace="hutchinson", dequantize=True, rtol=1e-3, atol=1e-3,
-                             generator=torch.Generator().manual_seed(1))
+    ode = ode_log_likelihood(
+        model,
+        ddpm,
+        x,
+        trace="hutchinson",
+        dequantize=True,
+        rtol=1e-3,
+        atol=1e-3,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert ode.log_prob.dtype == torch.float32 and not ode.log_prob.requires_grad
     torch.testing.assert_close(ode.bits_per_dim, -ode.log_prob / (64 * math.log(2)) + 7.0)
     vb = variational_bound(model, ddpm, x, num_steps=5, generator=torch.Generator().manual_seed(1))

@@ -30,8 +30,11 @@ def ring():
 
 @pytest.mark.parametrize("which", ["ring", "mixture8"])
 def test_ode_log_likelihood_equals_the_exact_density(which, ring):
-    problem = ring if which == "ring" else Problem(GaussianMixture.random(dim=8, num_modes=3, seed=4),
-                                                   beta_schedule="squaredcos_cap_v2", batch=2)
+    problem = (
+        ring
+        if which == "ring"
+        else Problem(GaussianMixture.random(dim=8, num_modes=3, seed=4), beta_schedule="squaredcos_cap_v2", batch=2)
+    )
     x = problem.gmm.sample(16, torch.Generator().manual_seed(0))
     result = ode_log_likelihood(problem.model, problem.ddpm, x, rtol=1e-7, atol=1e-7)
     exact = problem.gmm.log_prob(x, problem.ddpm.alpha_bar[0])
@@ -44,8 +47,16 @@ def test_ode_log_likelihood_equals_the_exact_density(which, ring):
 def test_hutchinson_trace_is_unbiased(ring, probe):
     """One point, 256 independent probes: the mean estimate is within 4 standard errors of the exact value."""
     x = ring.gmm.sample(1, torch.Generator().manual_seed(1)).expand(256, 2).contiguous()
-    result = ode_log_likelihood(ring.model, ring.ddpm, x, trace="hutchinson", probe=probe, rtol=1e-6, atol=1e-6,
-                                generator=torch.Generator().manual_seed(2))
+    result = ode_log_likelihood(
+        ring.model,
+        ring.ddpm,
+        x,
+        trace="hutchinson",
+        probe=probe,
+        rtol=1e-6,
+        atol=1e-6,
+        generator=torch.Generator().manual_seed(2),
+    )
     exact = float(ring.gmm.log_prob(x[:1], ring.ddpm.alpha_bar[0]))
     errors = result.log_prob - exact
     standard_error = float(errors.std()) / 16
@@ -58,8 +69,14 @@ def test_variational_bound_is_above_the_nll_and_tightens(ring):
     true_nll = float(-ring.gmm.log_prob(x).mean())
     gaps = []
     for num_steps in (50, 200, 1000):
-        vb = variational_bound(ring.model, ring.ddpm, x, num_steps=num_steps, decoder="gaussian",
-                               generator=torch.Generator().manual_seed(4))
+        vb = variational_bound(
+            ring.model,
+            ring.ddpm,
+            x,
+            num_steps=num_steps,
+            decoder="gaussian",
+            generator=torch.Generator().manual_seed(4),
+        )
         standard_error = float(vb.nats.std()) / math.sqrt(x.shape[0])
         gap = float(vb.nats.mean()) - true_nll
         assert gap > -3 * standard_error, (num_steps, gap, standard_error)
@@ -81,8 +98,9 @@ def test_dataset_average_and_breakdown(ring):
     assert abs(avg.bits_per_dim - float(whole.bits_per_dim.mean())) < 1e-9
     total = avg.prior_bits_per_dim + float(avg.steps_bits_per_dim.sum()) + avg.decoder_bits_per_dim
     assert abs(total - avg.bits_per_dim) < 1e-9
-    split = variational_bound_dataset(ring.model, ring.ddpm, [x[:40], x[40:]], generator=torch.Generator().manual_seed(6),
-                                      **kwargs)
+    split = variational_bound_dataset(
+        ring.model, ring.ddpm, [x[:40], x[40:]], generator=torch.Generator().manual_seed(6), **kwargs
+    )
     assert split.num_samples == 64 and split.steps_bits_per_dim.shape == (19,)
     assert torch.equal(split.timesteps, whole.timesteps)  # step k runs from timesteps[k + 1] to timesteps[k]
 

@@ -31,7 +31,11 @@ SAMPLERS = {
     "dpmpp1": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=1), 1, (20, 40, 80)),
     "dpmpp2": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=2), 2, (20, 40, 80)),
     "dpmpp3": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=3), 3, (80, 160, 320)),
-    "euler": (lambda c: TutorialPFODEScheduler.from_config(c, solver="euler", step_placement="logsnr"), 1, (20, 40, 80)),
+    "euler": (
+        lambda c: TutorialPFODEScheduler.from_config(c, solver="euler", step_placement="logsnr"),
+        1,
+        (20, 40, 80),
+    ),
     "heun": (lambda c: TutorialPFODEScheduler.from_config(c, solver="heun", step_placement="logsnr"), 2, (20, 40, 80)),
     "rk4": (lambda c: TutorialPFODEScheduler.from_config(c, solver="rk4", step_placement="logsnr"), 4, (10, 20, 40)),
 }
@@ -83,9 +87,12 @@ def test_euler_in_sigma_bar_is_ddim_and_dpmpp1_is_ddim(ring_problem):
     x = ring_problem.x_T
     for t in ddim.timesteps:
         x = ddim.step(ring_problem.model(x, t), t, x).prev_sample
-    for s in (TutorialPFODEScheduler.from_config(ring_problem.ddpm.config, solver="euler", step_placement="time_uniform"),
-              TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, solver_order=1,
-                                                             step_placement="time_uniform")):
+    for s in (
+        TutorialPFODEScheduler.from_config(ring_problem.ddpm.config, solver="euler", step_placement="time_uniform"),
+        TutorialDPMSolverPlusPlusScheduler.from_config(
+            ring_problem.ddpm.config, solver_order=1, step_placement="time_uniform"
+        ),
+    ):
         ours = diffusers_loop(s, ring_problem.model, ring_problem.x_T, 4)
         assert s.timesteps.tolist() == [999.0, 666.0, 333.0, 0.0]
         torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
@@ -130,8 +137,12 @@ def test_loop_contract_and_config_round_trip(ring_problem):
 def test_continuous_model_matches_the_table_at_integers(ring_problem):
     table_model = ring_problem.gmm.model(ring_problem.ddpm.alpha_bar, "epsilon")
     for t in (0, 17, 500, 999):
-        torch.testing.assert_close(ring_problem.model(ring_problem.x_T, torch.tensor(t)),
-                                   table_model(ring_problem.x_T, torch.tensor(t)), rtol=0, atol=0)
+        torch.testing.assert_close(
+            ring_problem.model(ring_problem.x_T, torch.tensor(t)),
+            table_model(ring_problem.x_T, torch.tensor(t)),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_tuned_placement_beats_logsnr_on_held_out_noise(ring_problem):
@@ -161,8 +172,9 @@ def test_add_noise_and_velocity_follow_the_continuous_schedule(ring_problem):
     lam = s.half_log_snr
     t_half = torch.tensor([10.5])
     alpha_bar = torch.sigmoid(lam[10] + lam[11])  # λ(10.5) is the mean of λ_10 and λ_11; ᾱ = sigmoid(2λ)
-    torch.testing.assert_close(s.add_noise(x0[:1], eps[:1], t_half),
-                               alpha_bar.sqrt() * x0[:1] + (1 - alpha_bar).sqrt() * eps[:1])
+    torch.testing.assert_close(
+        s.add_noise(x0[:1], eps[:1], t_half), alpha_bar.sqrt() * x0[:1] + (1 - alpha_bar).sqrt() * eps[:1]
+    )
 
 
 def test_thresholding_keeps_the_output_in_range(ring_problem):

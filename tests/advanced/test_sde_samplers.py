@@ -26,8 +26,12 @@ def setting(request):
     if request.param == "ring":
         problem = Problem(GaussianMixture.ring(), batch=N_SAMPLES, seed=3)
     else:
-        problem = Problem(GaussianMixture.random(dim=16, num_modes=4, seed=1), beta_schedule="squaredcos_cap_v2",
-                          batch=N_SAMPLES, seed=3)
+        problem = Problem(
+            GaussianMixture.random(dim=16, num_modes=4, seed=1),
+            beta_schedule="squaredcos_cap_v2",
+            batch=N_SAMPLES,
+            seed=3,
+        )
     g = torch.Generator().manual_seed(1)
     data, data2 = problem.gmm.sample(N_SAMPLES, g), problem.gmm.sample(N_SAMPLES, g)
     return problem, data, energy_distance(data, data2)

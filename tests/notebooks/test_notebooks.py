@@ -28,7 +28,9 @@ def test_ipynb_is_the_executed_twin_of_its_source(source):
     ipynb = source.with_suffix(".ipynb")
     assert ipynb.exists(), f"{ipynb.name} missing: run `make notebooks`"
     committed = nbformat.read(ipynb, as_version=4)
-    assert code_cells(committed) == code_cells(jupytext.read(source)), f"{ipynb.name} is out of sync with {source.name}"
+    assert code_cells(committed) == code_cells(jupytext.read(source)), (
+        f"{ipynb.name} is out of sync with {source.name}"
+    )
     executed = [c for c in committed.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in executed), f"{ipynb.name} was not fully executed"
     assert not any(o.get("output_type") == "error" for c in executed for o in c.get("outputs", []))

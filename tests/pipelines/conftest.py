@@ -73,7 +73,11 @@ class FreshPython:
         workdir.mkdir(exist_ok=True)
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-c", code],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
 
@@ -85,8 +89,10 @@ class FreshPython:
             stdout, stderr = self.proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith("RESULT:")]
         if self.proc.returncode != 0 or not lines:
-            raise AssertionError(f"fresh process failed (rc={self.proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}")
-        return json.loads(lines[-1][len("RESULT:"):])
+            raise AssertionError(
+                f"fresh process failed (rc={self.proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+            )
+        return json.loads(lines[-1][len("RESULT:") :])
 
 
 def run_fresh_python(script: str, tmp_path, block_our_packages: bool = False, extra_env=None) -> dict:

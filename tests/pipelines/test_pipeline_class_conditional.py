@@ -24,8 +24,9 @@ def pipe(cond_unet):
 
 def _count_calls(unet):
     calls = []
-    handle = unet.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["class_labels"].tolist()),
-                                        with_kwargs=True)
+    handle = unet.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["class_labels"].tolist()), with_kwargs=True
+    )
     return calls, handle
 
 
@@ -48,8 +49,14 @@ def test_guidance_matches_two_branch_formula_and_call_count(pipe, cond_unet, w, 
     labels = [0, 2]
     calls, handle = _count_calls(cond_unet)
     try:
-        out = pipe(class_labels=labels, guidance_scale=w, generator=torch.Generator().manual_seed(0),
-                   num_inference_steps=STEPS, output_type="pt", return_trajectory=True)
+        out = pipe(
+            class_labels=labels,
+            guidance_scale=w,
+            generator=torch.Generator().manual_seed(0),
+            num_inference_steps=STEPS,
+            output_type="pt",
+            return_trajectory=True,
+        )
     finally:
         handle.remove()
     assert len(calls) == STEPS  # one UNet call per step, whatever w
@@ -62,10 +69,16 @@ def test_guidance_matches_two_branch_formula_and_call_count(pipe, cond_unet, w, 
 def test_labels_change_the_samples_and_int_label_repeats(pipe):
     kw = dict(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt")
     a = pipe(class_labels=[0, 0], **kw).images
-    b = pipe(class_labels=[1, 1], generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
-             output_type="pt").images
-    c = pipe(class_labels=0, batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
-             output_type="pt").images
+    b = pipe(
+        class_labels=[1, 1], generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt"
+    ).images
+    c = pipe(
+        class_labels=0,
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=STEPS,
+        output_type="pt",
+    ).images
     assert (a - b).abs().max() > 1e-4
     torch.testing.assert_close(a, c)
 
@@ -99,5 +112,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     loaded = TutorialClassConditionalPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     kw = dict(class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=STEPS, output_type="pt")
-    torch.testing.assert_close(loaded(generator=torch.Generator().manual_seed(1), **kw).images,
-                               pipe(generator=torch.Generator().manual_seed(1), **kw).images)
+    torch.testing.assert_close(
+        loaded(generator=torch.Generator().manual_seed(1), **kw).images,
+        pipe(generator=torch.Generator().manual_seed(1), **kw).images,
+    )

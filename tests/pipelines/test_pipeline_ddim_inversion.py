@@ -76,12 +76,22 @@ def test_interpolation_endpoints_are_the_regenerated_images(tiny_unet):
     "call, match",
     [
         (lambda p: p.invert(torch.rand(1, 3, 4, 4)), r"image has shape \(1, 3, 4, 4\); expected \(1, 3, 8, 8\)"),
-        (lambda p: p.interpolate(latents_a=torch.zeros(1, 3, 8, 8), latents_b=torch.zeros(1, 3, 8, 8), num_points=1),
-         "num_points=1"),
-        (lambda p: p.interpolate(image_a=torch.rand(1, 3, 8, 8), latents_a=torch.zeros(1, 3, 8, 8),
-                                 latents_b=torch.zeros(1, 3, 8, 8)), "exactly one of image_a and latents_a"),
-        (lambda p: p.interpolate(latents_a=torch.zeros(2, 3, 8, 8), latents_b=torch.zeros(1, 3, 8, 8)),
-         r"latents_a has shape \(2, 3, 8, 8\)"),
+        (
+            lambda p: p.interpolate(
+                latents_a=torch.zeros(1, 3, 8, 8), latents_b=torch.zeros(1, 3, 8, 8), num_points=1
+            ),
+            "num_points=1",
+        ),
+        (
+            lambda p: p.interpolate(
+                image_a=torch.rand(1, 3, 8, 8), latents_a=torch.zeros(1, 3, 8, 8), latents_b=torch.zeros(1, 3, 8, 8)
+            ),
+            "exactly one of image_a and latents_a",
+        ),
+        (
+            lambda p: p.interpolate(latents_a=torch.zeros(2, 3, 8, 8), latents_b=torch.zeros(1, 3, 8, 8)),
+            r"latents_a has shape \(2, 3, 8, 8\)",
+        ),
     ],
 )
 def test_bad_input(tiny_unet, call, match):

@@ -62,8 +62,9 @@ def pipe(unet_factory):
 
 
 def _images(p):
-    return p(batch_size=2, generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS,
-             output_type="pt").images
+    return p(
+        batch_size=2, generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS, output_type="pt"
+    ).images
 
 
 def test_push_uploads_exactly_the_saved_folder(fake_hub, pipe, tmp_path):
@@ -73,7 +74,10 @@ def test_push_uploads_exactly_the_saved_folder(fake_hub, pipe, tmp_path):
     (upload,) = fake_hub.uploads
     assert upload["repo_id"] == REPO_ID and upload["commit_message"] == "Upload TutorialUnconditionalPipeline"
     assert upload["files"] == _files(tmp_path / "saved")  # same names, same bytes
-    assert f'DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)' in upload["files"]["README.md"].decode()
+    assert (
+        f'DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)'
+        in upload["files"]["README.md"].decode()
+    )
     assert commit.oid in commit.commit_url
 
 
@@ -112,8 +116,16 @@ def test_pushed_repo_loads_from_the_simulated_hub(fake_hub, pipe, tmp_path, fres
                                       scheduler=type(pipe.scheduler).__name__,
                                       max_diff=float((images - ref).abs().max()))))
     """
-    res = fresh_python(script, tmp_path, block_our_packages=True,
-                           extra_env={"HF_HUB_CACHE": str(fake_hub.cache), "HF_HOME": str(tmp_path / "hf_home")})
-    assert res == dict(cls="TutorialUnconditionalPipeline", module="diffusers_modules.local.pipeline_tutorial_unconditional",
-                       scheduler="TutorialDDPMScheduler", max_diff=0.0)
+    res = fresh_python(
+        script,
+        tmp_path,
+        block_our_packages=True,
+        extra_env={"HF_HUB_CACHE": str(fake_hub.cache), "HF_HOME": str(tmp_path / "hf_home")},
+    )
+    assert res == dict(
+        cls="TutorialUnconditionalPipeline",
+        module="diffusers_modules.local.pipeline_tutorial_unconditional",
+        scheduler="TutorialDDPMScheduler",
+        max_diff=0.0,
+    )
     assert os.path.isdir(tmp_path / "hf_modules" / "diffusers_modules")  # the shipped code ran from the modules cache

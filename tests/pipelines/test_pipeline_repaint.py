@@ -40,8 +40,15 @@ def test_known_region_is_the_input_and_unknown_is_generated(pipe, tiny_unet, ima
     calls = []
     handle = tiny_unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        out = pipe(image, mask, num_inference_steps=6, jump_length=2, jump_n_sample=2, output_type="pt",
-                   generator=torch.Generator().manual_seed(0)).images
+        out = pipe(
+            image,
+            mask,
+            num_inference_steps=6,
+            jump_length=2,
+            jump_n_sample=2,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
     finally:
         handle.remove()
     torch.testing.assert_close(out[..., :4], image[..., :4], atol=1e-6, rtol=0)
@@ -53,8 +60,15 @@ def test_known_region_is_the_input_and_unknown_is_generated(pipe, tiny_unet, ima
 def test_without_resampling_matches_hand_written_eqs_8_to_10(pipe, tiny_unet, image_and_mask):
     """x_{t'} = m ⊙ q(x_{t'} | x_0) + (1 - m) ⊙ p_θ(x_{t'} | x_t), with the generator's draws in the same order."""
     image, mask = image_and_mask
-    out = pipe(image, mask, num_inference_steps=4, jump_length=2, jump_n_sample=1, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        image,
+        mask,
+        num_inference_steps=4,
+        jump_length=2,
+        jump_n_sample=1,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
     sched = TutorialDDPMScheduler()
     sched.set_timesteps(4)
@@ -65,7 +79,9 @@ def test_without_resampling_matches_hand_written_eqs_8_to_10(pipe, tiny_unet, im
     with torch.no_grad():
         for t, t_next in zip(grid, grid[1:] + [-1]):
             unknown = sched.step(tiny_unet(x, t).sample, t, x, generator=g).prev_sample
-            known = sched.add_noise(x0, torch.randn(x0.shape, generator=g), torch.tensor([t_next])) if t_next >= 0 else x0
+            known = (
+                sched.add_noise(x0, torch.randn(x0.shape, generator=g), torch.tensor([t_next])) if t_next >= 0 else x0
+            )
             x = mask * known + (1 - mask) * unknown
     torch.testing.assert_close(out, (x / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=1e-5)
 

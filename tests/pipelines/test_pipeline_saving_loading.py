@@ -26,14 +26,19 @@ from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler
 
 STEPS = 5  # divides T = 1000, so diffusers' DDIM/DDPM grids agree with ours and the numbers must match
 SEED = 7
-SCHEDULER_SOURCES = ("scheduling_tutorial_ddim.py", "scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py",
-                     "tutorial_math.py")
+SCHEDULER_SOURCES = (
+    "scheduling_tutorial_ddim.py",
+    "scheduling_tutorial_ddpm.py",
+    "tutorial_discrete_base.py",
+    "tutorial_math.py",
+)
 
 
 def _images(pipe, seed=SEED, steps=STEPS):
     pipe.set_progress_bar_config(disable=True)
-    return pipe(batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                output_type="pt").images
+    return pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type="pt"
+    ).images
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +54,19 @@ def folders(tmp_path_factory, unet_factory):
         ("ours_ddim", TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler()), {}),
         ("ours_ddpm", TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDPMScheduler()), {}),
         ("diffusers_ddim", TutorialUnconditionalPipeline(unet=unet, scheduler=DDIMScheduler()), {}),
-        ("class_cond", TutorialClassConditionalPipeline(unet=unet_factory(seed=1, num_class_embeds=3),
-                                                        scheduler=TutorialDDPMScheduler()),
-         dict(class_labels=[0, 1], guidance_scale=2.0)),
+        (
+            "class_cond",
+            TutorialClassConditionalPipeline(
+                unet=unet_factory(seed=1, num_class_embeds=3), scheduler=TutorialDDPMScheduler()
+            ),
+            dict(class_labels=[0, 1], guidance_scale=2.0),
+        ),
         ("inversion", TutorialDDIMInversionPipeline(unet=unet, scheduler=TutorialDDIMScheduler()), {}),
-        ("repaint", TutorialRePaintPipeline(unet=unet, scheduler=TutorialDDPMScheduler()),
-         dict(image=image, mask_image=mask, jump_length=2, jump_n_sample=2)),
+        (
+            "repaint",
+            TutorialRePaintPipeline(unet=unet, scheduler=TutorialDDPMScheduler()),
+            dict(image=image, mask_image=mask, jump_length=2, jump_n_sample=2),
+        ),
         ("ours_pf_ode", TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialPFODEScheduler()), {}),
     ]
     out = {}
@@ -64,15 +76,17 @@ def folders(tmp_path_factory, unet_factory):
         pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(root / name)
         torch.save(kwargs, root / f"{name}.call.pt")
-        images = pipe(generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS, output_type="pt",
-                      **kwargs).images
+        images = pipe(
+            generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS, output_type="pt", **kwargs
+        ).images
         torch.save(images, root / f"{name}.pt")
         out[name] = root / name
     ddpm = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())  # what google/ddpm-cifar10-32 holds, tiny
     ddpm.set_progress_bar_config(disable=True)
     ddpm.save_pretrained(root / "hub_ddpm_layout")
-    images = ddpm(batch_size=2, generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS,
-                  output_type="np").images
+    images = ddpm(
+        batch_size=2, generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS, output_type="np"
+    ).images
     torch.save(torch.from_numpy(images).permute(0, 3, 1, 2), root / "hub_ddpm_layout.pt")
     out["hub_ddpm_layout"] = root / "hub_ddpm_layout"
     out["root"] = root
@@ -141,7 +155,9 @@ def test_unknown_component_class_is_reported(folders, tmp_path):
     index = json.loads((path / "model_index.json").read_text())
     index["scheduler"] = ["scheduling_somebody_else", "SomebodyElsesScheduler"]
     (path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="scheduler: class 'SomebodyElsesScheduler' .* neither in diffusers nor imported"):
+    with pytest.raises(
+        ValueError, match="scheduler: class 'SomebodyElsesScheduler' .* neither in diffusers nor imported"
+    ):
         TutorialUnconditionalPipeline.from_pretrained(path)
 
 
@@ -192,8 +208,9 @@ def fresh_results(folders, tmp_path_factory, start_fresh_python):
         script = template.replace("ROOT", repr(str(folders["root"]))).replace("SEED", str(SEED))
         scripts[key] = script.replace("STEPS", str(STEPS))
     running = {
-        "only_diffusers": start_fresh_python(scripts["only_diffusers"], tmp_path_factory.mktemp("fresh_a"),
-                                             block_our_packages=True),
+        "only_diffusers": start_fresh_python(
+            scripts["only_diffusers"], tmp_path_factory.mktemp("fresh_a"), block_our_packages=True
+        ),
         "with_package": start_fresh_python(scripts["with_package"], tmp_path_factory.mktemp("fresh_b")),
     }
     return {key: proc.result() for key, proc in running.items()}
@@ -208,16 +225,21 @@ def test_a_remote_code_loads_and_reproduces_images_without_our_packages(only_dif
     res = only_diffusers_result
     assert res["our_modules_imported"] == []
     for name in ("ours_ddim", "ours_ddpm"):
-        assert res[name]["pipeline"] == "diffusers_modules.local.pipeline_tutorial_unconditional.TutorialUnconditionalPipeline"
+        assert (
+            res[name]["pipeline"]
+            == "diffusers_modules.local.pipeline_tutorial_unconditional.TutorialUnconditionalPipeline"
+        )
         assert res[name]["scheduler"].startswith("diffusers_modules.local.scheduling_tutorial_")
         assert res[name]["max_diff"] == 0.0  # same code, same seed: the same images, bit for bit
     assert res["diffusers_ddim"]["scheduler"] == "diffusers.schedulers.scheduling_ddim.DDIMScheduler"
     assert res["diffusers_ddim"]["max_diff"] == 0.0
     assert res["ours_pf_ode"]["scheduler"].endswith("scheduling_tutorial_pf_ode.TutorialPFODEScheduler")
     assert res["ours_pf_ode"]["max_diff"] == 0.0  # two levels of sibling imports (tutorial_continuous -> math)
-    for name, cls_name in (("class_cond", "pipeline_tutorial_class_conditional.TutorialClassConditionalPipeline"),
-                           ("inversion", "pipeline_tutorial_ddim_inversion.TutorialDDIMInversionPipeline"),
-                           ("repaint", "pipeline_tutorial_repaint.TutorialRePaintPipeline")):
+    for name, cls_name in (
+        ("class_cond", "pipeline_tutorial_class_conditional.TutorialClassConditionalPipeline"),
+        ("inversion", "pipeline_tutorial_ddim_inversion.TutorialDDIMInversionPipeline"),
+        ("repaint", "pipeline_tutorial_repaint.TutorialRePaintPipeline"),
+    ):
         assert res[name]["pipeline"] == "diffusers_modules.local." + cls_name
         assert res[name]["max_diff"] == 0.0
 
@@ -340,7 +362,9 @@ def test_shipped_files_import_only_what_diffusers_users_have():
     huggingface_hub and each other (relatively), never our packages: they must run where only diffusers is installed."""
     allowed = {"torch", "numpy", "PIL", "diffusers", "huggingface_hub"} | set(sys.stdlib_module_names)
     folder = os.path.dirname(tutorial_pipeline_utils.__file__)
-    shipped = [f for f in sorted(os.listdir(folder)) if f.startswith(("pipeline_tutorial_", "tutorial_pipeline_utils"))]
+    shipped = [
+        f for f in sorted(os.listdir(folder)) if f.startswith(("pipeline_tutorial_", "tutorial_pipeline_utils"))
+    ]
     assert len(shipped) >= 5
     for name in shipped:
         tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())

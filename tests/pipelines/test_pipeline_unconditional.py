@@ -38,8 +38,14 @@ def _pipe(unet, scheduler):
 
 def _final_sample(pipe, **kwargs):
     """x_0 in model space (before mapping to [0, 1]), via the trajectory."""
-    out = pipe(batch_size=SHAPE[0], generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS,
-               output_type="pt", return_trajectory=True, **kwargs)
+    out = pipe(
+        batch_size=SHAPE[0],
+        generator=torch.Generator().manual_seed(SEED),
+        num_inference_steps=STEPS,
+        output_type="pt",
+        return_trajectory=True,
+        **kwargs,
+    )
     return out.trajectory[-1], out
 
 
@@ -119,7 +125,9 @@ def test_tutorial_ddpm_matches_hand_written_ancestral_sampling(tiny_unet):
             a, a_prev = float(ab[t]), (float(ab[t_prev]) if t_prev >= 0 else 1.0)
             beta = 1 - a / a_prev
             x0 = (x - math.sqrt(1 - a) * tiny_unet(x, t).sample) / math.sqrt(a)
-            mean = math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a) * x  # eq. (7)
+            mean = (
+                math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a) * x
+            )  # eq. (7)
             if t > 0:
                 x = mean + math.sqrt(beta * (1 - a_prev) / (1 - a)) * torch.randn(SHAPE, generator=g)
             else:
@@ -133,17 +141,28 @@ def test_diffusers_ddpm_pipeline_gets_euler_wrong(tiny_unet):
     ours, _ = _final_sample(_pipe(tiny_unet, EulerDiscreteScheduler.from_config(sched.config)))
     theirs = DDPMPipeline(unet=tiny_unet, scheduler=EulerDiscreteScheduler.from_config(sched.config))
     theirs.set_progress_bar_config(disable=True)
-    img = theirs(batch_size=SHAPE[0], generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS,
-                 output_type="np").images
+    img = theirs(
+        batch_size=SHAPE[0], generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS, output_type="np"
+    ).images
     ours_img = ((ours / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
     assert np.abs(img - ours_img).max() > 0.05
 
 
 # ---- every scheduler that fits a UNet2DModel ------------------------------------------------------------------------
 ALL_SCHEDULERS = [
-    DDPMScheduler, DDIMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
-    EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler,
-    LMSDiscreteScheduler, DEISMultistepScheduler, TutorialDDPMScheduler, TutorialDDIMScheduler,
+    DDPMScheduler,
+    DDIMScheduler,
+    PNDMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+    LMSDiscreteScheduler,
+    DEISMultistepScheduler,
+    TutorialDDPMScheduler,
+    TutorialDDIMScheduler,
 ]
 
 
@@ -176,8 +195,9 @@ def test_every_scheduler_matches_the_reference_loop(tiny_unet, scheduler_cls):
 def test_trajectory_holds_x_t_and_x0_per_step(tiny_unet):
     sched = TutorialDDIMScheduler(clip_sample=False)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    out = _pipe(tiny_unet, sched)(batch_size=2, latents=z, num_inference_steps=STEPS, output_type="pt",
-                                  return_trajectory=True)
+    out = _pipe(tiny_unet, sched)(
+        batch_size=2, latents=z, num_inference_steps=STEPS, output_type="pt", return_trajectory=True
+    )
     assert len(out.trajectory) == STEPS + 1 and len(out.pred_original_samples) == STEPS
     torch.testing.assert_close(out.trajectory[0], z)  # x_T (σ_init = 1)
     # the last DDIM step lands on ᾱ = 1, where x_{t'} = x̂_0
@@ -185,26 +205,31 @@ def test_trajectory_holds_x_t_and_x0_per_step(tiny_unet):
     torch.testing.assert_close(out.images, (out.trajectory[-1] / 2 + 0.5).clamp(0, 1))
     assert out.timesteps == sched.timesteps.tolist()
     # DPM-Solver reports no x̂_0: None entries, not an error
-    out = _pipe(tiny_unet, DPMSolverMultistepScheduler())(batch_size=2, num_inference_steps=STEPS, output_type="pt",
-                                                         return_trajectory=True)
+    out = _pipe(tiny_unet, DPMSolverMultistepScheduler())(
+        batch_size=2, num_inference_steps=STEPS, output_type="pt", return_trajectory=True
+    )
     assert out.pred_original_samples == [None] * STEPS
 
 
 def test_generator_list_gives_per_sample_reproducibility(tiny_unet):
     pipe = _pipe(tiny_unet, TutorialDDIMScheduler())
-    both = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], num_inference_steps=STEPS,
-                output_type="pt").images
+    both = pipe(
+        batch_size=2,
+        generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+        num_inference_steps=STEPS,
+        output_type="pt",
+    ).images
     for k, s in enumerate((5, 6)):
-        one = pipe(batch_size=1, generator=torch.Generator().manual_seed(s), num_inference_steps=STEPS,
-                   output_type="pt").images
+        one = pipe(
+            batch_size=1, generator=torch.Generator().manual_seed(s), num_inference_steps=STEPS, output_type="pt"
+        ).images
         torch.testing.assert_close(both[k : k + 1], one, atol=1e-5, rtol=1e-5)
 
 
 def test_latents_are_x_T_in_units_of_init_noise_sigma(tiny_unet):
     pipe = _pipe(tiny_unet, EulerDiscreteScheduler())
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED))
-    with_latents = pipe(batch_size=2, latents=z, num_inference_steps=STEPS, output_type="pt",
-                        return_trajectory=True)
+    with_latents = pipe(batch_size=2, latents=z, num_inference_steps=STEPS, output_type="pt", return_trajectory=True)
     torch.testing.assert_close(with_latents.trajectory[0], z * pipe.scheduler.init_noise_sigma)
     with_generator, _ = _final_sample(pipe)
     torch.testing.assert_close(with_latents.trajectory[-1], with_generator)
@@ -273,7 +298,10 @@ def test_non_finite_value_names_the_step(tiny_unet):
     [
         (dict(output_type="jpg"), "output_type='jpg'.*'pil', 'np', 'pt'"),
         (dict(batch_size=0), "batch_size=0"),
-        (dict(batch_size=2, latents=torch.zeros(1, 3, 8, 8)), r"latents has shape \(1, 3, 8, 8\); expected \(2, 3, 8, 8\)"),
+        (
+            dict(batch_size=2, latents=torch.zeros(1, 3, 8, 8)),
+            r"latents has shape \(1, 3, 8, 8\); expected \(2, 3, 8, 8\)",
+        ),
         (dict(batch_size=2, latents=torch.zeros(2, 3, 4, 4)), "latents has shape"),
         (dict(batch_size=3, generator=[torch.Generator()] * 2), "generator is a list of 2"),
         (dict(num_inference_steps=0), "num_inference_steps=0"),

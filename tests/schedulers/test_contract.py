@@ -15,9 +15,19 @@ from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler, TutorialSch
 OUR_SCHEDULERS = [TutorialDDPMScheduler, TutorialDDIMScheduler]
 DIFFUSERS_COUNTERPARTS = [DDPMScheduler, DDIMScheduler]
 SHARED_CONFIG = dict(
-    num_train_timesteps=500, beta_start=0.0002, beta_end=0.03, beta_schedule="scaled_linear", prediction_type="v_prediction",
-    clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.9, clip_sample_range=2.0, sample_max_value=3.0,
-    timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True,
+    num_train_timesteps=500,
+    beta_start=0.0002,
+    beta_end=0.03,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    clip_sample=False,
+    thresholding=True,
+    dynamic_thresholding_ratio=0.9,
+    clip_sample_range=2.0,
+    sample_max_value=3.0,
+    timestep_spacing="trailing",
+    steps_offset=0,
+    rescale_betas_zero_snr=True,
 )
 
 

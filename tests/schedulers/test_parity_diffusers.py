@@ -161,7 +161,10 @@ def test_timestep_grids_match_diffusers_for_every_step_count():
 
 
 def test_add_noise_and_velocity_match_diffusers():
-    ours, ref = TutorialDDPMScheduler(beta_schedule="squaredcos_cap_v2"), DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    ours, ref = (
+        TutorialDDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+    )
     x0, noise = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
     t = torch.tensor([0, 1, 500, 998, 999])
     torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-5)

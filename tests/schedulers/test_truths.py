@@ -56,8 +56,11 @@ def test_forward_marginal_statistics_by_monte_carlo():
     assert abs(x.mean().item() - mean.item()) < 5 * math.sqrt(var / n)
     assert abs(x.var().item() - var) < 5 * var * math.sqrt(2 / (n - 1))
     # q_sample draws from the same law.
-    xs = tm.q_sample(torch.full((n, 1), x0, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64),
-                     alpha_bar[t_end - 1])
+    xs = tm.q_sample(
+        torch.full((n, 1), x0, dtype=torch.float64),
+        torch.randn(n, 1, generator=g, dtype=torch.float64),
+        alpha_bar[t_end - 1],
+    )
     assert abs(xs.mean().item() - mean.item()) < 5 * math.sqrt(var / n)
     assert abs(xs.var().item() - var) < 5 * var * math.sqrt(2 / (n - 1))
 
@@ -77,8 +80,10 @@ def test_posterior_equals_bayes_rule_numerically(t, t_prev):
         mean_num = np.trapezoid(w * u, u) / np.trapezoid(w, u)
         var_num = np.trapezoid(w * (u - mean_num) ** 2, u) / np.trapezoid(w, u)
         mean, var = tm.q_posterior_mean_variance(
-            torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[xt]], dtype=torch.float64),
-            torch.tensor(ab_t, dtype=torch.float64), torch.tensor(ab_prev, dtype=torch.float64),
+            torch.tensor([[x0]], dtype=torch.float64),
+            torch.tensor([[xt]], dtype=torch.float64),
+            torch.tensor(ab_t, dtype=torch.float64),
+            torch.tensor(ab_prev, dtype=torch.float64),
         )
         assert mean.item() == pytest.approx(mean_num, rel=1e-6, abs=1e-9)
         assert var.item() == pytest.approx(var_num, rel=1e-5)
@@ -86,8 +91,10 @@ def test_posterior_equals_bayes_rule_numerically(t, t_prev):
 
 def test_parameterisation_round_trips_are_exact_to_rounding():
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64), torch.randn(6, 3, 5, 5, generator=g,
-                                                                                     dtype=torch.float64)
+    x0, eps = (
+        torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64),
+        torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64),
+    )
     alpha_bar = torch.tensor([0.9999, 0.9, 0.5, 0.1, 1e-3, 4e-5], dtype=torch.float64)
     xt = tm.q_sample(x0, eps, alpha_bar)
     torch.testing.assert_close(tm.eps_to_x0(xt, eps, alpha_bar), x0, rtol=0, atol=1e-9)
@@ -126,9 +133,9 @@ def test_ddim_eta_one_on_the_full_grid_is_ddpm_fixed_small():
     for t in ddim.timesteps.tolist()[:-1]:  # t = 0 has no noise in DDPM
         z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
         ours = ddim.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
-        ddpm_mean = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample - \
-            math.sqrt(math.exp(ddpm._tables["log_small"][ddpm._step_index(t)])) * \
-            torch.randn(x.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        ddpm_mean = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample - math.sqrt(
+            math.exp(ddpm._tables["log_small"][ddpm._step_index(t)])
+        ) * torch.randn(x.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
         _, _, posterior_variance = tm.q_posterior_coefs(ddim.alpha_bar[t], ddim.alpha_bar[t - 1])
         expected = ddpm_mean + posterior_variance.sqrt() * z
         torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)

@@ -95,8 +95,21 @@ def test_cli_reports_both_likelihoods_of_the_shipped_model_and_they_see_structur
     from custom_pipelines import TutorialUnconditionalPipeline
 
     folder = os.path.join(os.path.dirname(evaluate.__file__), "pretrained", "digits-ddpm")
-    metrics = evaluate.main([folder, "--num_samples", "4", "--num_inference_steps", "2", "--likelihood_samples", "4",
-                             "--elbo_steps", "20", "--ode_tolerance", "1e-2"])
+    metrics = evaluate.main(
+        [
+            folder,
+            "--num_samples",
+            "4",
+            "--num_inference_steps",
+            "2",
+            "--likelihood_samples",
+            "4",
+            "--elbo_steps",
+            "20",
+            "--ode_tolerance",
+            "1e-2",
+        ]
+    )
     assert metrics["likelihood_num_images"] == 4 and metrics["ode_num_evals"] > 0
     # 8-bit data: an upper bound on the discrete NLL lies in (0, 8] for any sensible model; the 20-step bound is loose
     assert 0 < metrics["ode_bits_per_dim"] < 8 and 0 < metrics["elbo_bits_per_dim"] < 100
@@ -107,6 +120,7 @@ def test_cli_reports_both_likelihoods_of_the_shipped_model_and_they_see_structur
     perm = torch.randperm(images[0].numel(), generator=torch.Generator().manual_seed(0))
     shuffled = images.flatten(1)[:, perm].reshape(images.shape)
     real_bpd = pipe.variational_bound(images, num_steps=20, generator=torch.Generator().manual_seed(0)).bits_per_dim
-    shuffled_bpd = pipe.variational_bound(shuffled, num_steps=20,
-                                          generator=torch.Generator().manual_seed(0)).bits_per_dim
+    shuffled_bpd = pipe.variational_bound(
+        shuffled, num_steps=20, generator=torch.Generator().manual_seed(0)
+    ).bits_per_dim
     assert float(shuffled_bpd.mean()) > float(real_bpd.mean()) + 0.5, (real_bpd, shuffled_bpd)

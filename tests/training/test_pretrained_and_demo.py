@@ -30,7 +30,6 @@ def test_shipped_model_is_small_and_samples_digits_with_ddim_10_steps():
     assert metrics["class_coverage"] >= 0.9 and metrics["mean_confidence"] > 0.8, metrics
 
 
-
 def test_shipped_class_conditional_model_draws_the_requested_digit_and_guidance_helps():
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED_CFG) for f in fs)
     assert size < 5_000_000
@@ -45,6 +44,7 @@ def test_shipped_class_conditional_model_draws_the_requested_digit_and_guidance_
         accuracy[scale] = evaluate.digits_metrics(samples, class_labels=labels)["conditional_accuracy"]
     assert accuracy[2.0] > 0.85, accuracy  # ~0.94 measured at 256 samples, 50 steps
     assert accuracy[0.0] < 0.3, accuracy  # chance is 0.1: without guidance the label is not used
+
 
 def test_demo_writes_grids_comparison_and_metrics_for_three_samplers(tmp_path):
     unet = UNet2DModel(**{k: v for k, v in TINY_UNET.items() if k != "_class_name"})

@@ -84,7 +84,11 @@ class TutorialPipelineBase(DiffusionPipeline):
 
     @staticmethod
     def check_num_inference_steps(num_inference_steps: int) -> None:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1.")
 
     @staticmethod
@@ -255,8 +259,9 @@ class TutorialPipelineBase(DiffusionPipeline):
         sample_files = _write_sample_images(sample_images, save_directory)
         if push_to_hub and repo_id is None:
             repo_id = os.path.basename(os.path.normpath(save_directory))
-        card = self.model_card(num_inference_steps, sample_files=sample_files, extra_text=model_card_text,
-                               repo_id=repo_id)
+        card = self.model_card(
+            num_inference_steps, sample_files=sample_files, extra_text=model_card_text, repo_id=repo_id
+        )
         with open(os.path.join(save_directory, MODEL_CARD), "w", encoding="utf-8") as f:
             f.write(card)
         if push_to_hub:
@@ -278,7 +283,10 @@ class TutorialPipelineBase(DiffusionPipeline):
             if _is_diffusers_class(type(component)):
                 index[name] = ["diffusers", type(component).__name__]
             else:  # our scheduler (or any non-diffusers component): its code goes into <name>/
-                index[name] = [_ship_module(type(component), os.path.join(save_directory, name)), type(component).__name__]
+                index[name] = [
+                    _ship_module(type(component), os.path.join(save_directory, name)),
+                    type(component).__name__,
+                ]
         with open(os.path.join(save_directory, MODEL_INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -291,7 +299,9 @@ class TutorialPipelineBase(DiffusionPipeline):
         repo_id: Optional[str] = None,
     ) -> str:
         """The `README.md` of a saved folder: Hub metadata (YAML front matter), how to load, scheduler and steps."""
-        steps = num_inference_steps or getattr(self.scheduler, "num_inference_steps", None) or DEFAULT_NUM_INFERENCE_STEPS
+        steps = (
+            num_inference_steps or getattr(self.scheduler, "num_inference_steps", None) or DEFAULT_NUM_INFERENCE_STEPS
+        )
         cls_name, sched = type(self).__name__, self.scheduler
         sched_name = type(sched).__name__
         cfg = sched.config
@@ -603,4 +613,3 @@ def _write_sample_images(images: Optional[Sequence], folder: str) -> List[str]:
         image.save(os.path.join(folder, rel))
         paths.append(rel)
     return paths
-

@@ -161,8 +161,9 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
 
         # 3. Add σ_t z for t > 0 (Algorithm 2: z = 0 only at t = 0).
         if int(timestep) > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
             log_variance = self._log_variance(i, predicted_variance)
             if torch.is_tensor(log_variance):
                 std = torch.exp(0.5 * log_variance)
