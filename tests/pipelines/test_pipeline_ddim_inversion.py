@@ -106,3 +106,16 @@ def test_scheduler_without_inverse_step_is_refused(tiny_unet):
         pipe.invert(torch.rand(1, 3, 8, 8))
     # generation itself still works with any scheduler
     assert pipe(num_inference_steps=2, output_type="pt").images.shape == (1, 3, 8, 8)
+
+
+def test_exact_unet_predicts_the_mixture_and_refuses_a_wrong_shape(mixture):
+    sched = TutorialDDIMScheduler()
+    unet = mixture.as_unet(sched.alpha_bar, SHAPE)
+    x = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = mixture.eps(x.reshape(3, -1), sched.alpha_bar[400]).reshape(x.shape)
+    assert torch.equal(unet(x, 400).sample, expected) and torch.equal(unet(x, 400, return_dict=False)[0], expected)
+    assert (unet.config.in_channels, unet.config.sample_size, unet.dtype) == (1, 4, torch.float64)
+    with pytest.raises(ValueError, match=r"sample_shape=\(1, 4, 5\) holds 20 values; the mixture has D = 16"):
+        mixture.as_unet(sched.alpha_bar, (1, 4, 5))
+    with pytest.raises(ValueError, match="must be square"):
+        mixture.as_unet(sched.alpha_bar, (1, 2, 8))
