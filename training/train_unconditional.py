@@ -308,7 +308,9 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     if requested != "auto":
         return requested
     if cpu or not torch.cuda.is_available():
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        # torch.cpu's capability probes are private: a torch without them counts as "no native bf16"
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        native = any(probe() for probe in probes if probe is not None)
     else:
         native = torch.cuda.is_bf16_supported()
     return "bf16" if native else "no"
