@@ -135,9 +135,7 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
             self.check_finite(latents, model_output, i, t, len(timesteps))
 
             if return_trajectory:
-                trajectory.append(latents.cpu())
-                x0 = getattr(out, "pred_original_sample", None)
-                pred_x0s.append(x0.cpu() if x0 is not None else None)
+                self.record_step(trajectory, pred_x0s, latents, out)
             if callback_on_step_end is not None:
                 outputs = self.run_callback(callback_on_step_end, i, t, tensor_inputs, locals())
                 latents = outputs.pop("latents", latents)
@@ -145,12 +143,4 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         # 3. [-1, 1] -> images.
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
-        timestep_list = [t.item() if torch.is_tensor(t) else t for t in timesteps] if return_trajectory else None
-        if not return_dict:
-            return (images, trajectory, pred_x0s, timestep_list) if return_trajectory else (images,)
-        return TutorialPipelineOutput(
-            images=images,
-            trajectory=trajectory,
-            pred_original_samples=pred_x0s if return_trajectory else None,
-            timesteps=timestep_list,
-        )
+        return self.pipeline_output(images, trajectory, pred_x0s, timesteps, return_trajectory, return_dict)

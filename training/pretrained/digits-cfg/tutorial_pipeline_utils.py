@@ -159,6 +159,26 @@ class TutorialPipelineBase(DiffusionPipeline):
             f"it first appeared in {culprit}."
         )
 
+    @staticmethod
+    def record_step(trajectory: List[torch.Tensor], pred_x0s: List[Optional[torch.Tensor]], latents, step_output):
+        """Append x_t and the step's x̂_0 (None for schedulers that do not report one) to a trajectory, on CPU."""
+        trajectory.append(latents.cpu())
+        x0 = getattr(step_output, "pred_original_sample", None)
+        pred_x0s.append(x0.cpu() if x0 is not None else None)
+
+    @staticmethod
+    def pipeline_output(images, trajectory, pred_x0s, timesteps, return_trajectory: bool, return_dict: bool):
+        """`TutorialPipelineOutput`, or the tuple `(images,)` / `(images, trajectory, pred_x0s, timesteps)`."""
+        timestep_list = [t.item() if torch.is_tensor(t) else t for t in timesteps] if return_trajectory else None
+        if not return_dict:
+            return (images, trajectory, pred_x0s, timestep_list) if return_trajectory else (images,)
+        return TutorialPipelineOutput(
+            images=images,
+            trajectory=trajectory,
+            pred_original_samples=pred_x0s if return_trajectory else None,
+            timesteps=timestep_list,
+        )
+
     def run_callback(self, callback, step_index: int, timestep, tensor_inputs: Sequence[str], local_vars: Dict):
         """diffusers' `callback_on_step_end(pipe, i, t, callback_kwargs) -> dict` protocol; returns the dict."""
         callback_kwargs = {k: local_vars[k] for k in tensor_inputs}
