@@ -37,6 +37,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def run_report(mixed_precision: str, steps: int, train_seconds: float, cpu_seconds: float, reached, history) -> dict:
+    """One side's measurements: throughput by wall clock and by CPU time (batch 64), time to quality, FD history."""
+    return {
+        "mixed_precision": mixed_precision,
+        "cpu_seconds": cpu_seconds,
+        "images_per_cpu_s": steps * 64 / cpu_seconds,
+        "steps": steps,
+        "images": steps * 64,
+        "train_seconds": train_seconds,
+        "images_per_s": steps * 64 / train_seconds,
+        "time_to_quality_s": reached,
+        "history": history,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Theirs: diffusers' train_unconditional.py loop, re-created
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,17 +129,7 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0, pre
             break
     train_seconds = time.perf_counter() - start - eval_seconds
     cpu_seconds = time.process_time() - cpu_start
-    return {
-        "mixed_precision": mixed_precision,
-        "cpu_seconds": cpu_seconds,
-        "images_per_cpu_s": step * 64 / cpu_seconds,
-        "steps": step,
-        "images": step * 64,
-        "train_seconds": train_seconds,
-        "images_per_s": step * 64 / train_seconds,
-        "time_to_quality_s": reached,
-        "history": history,
-    }
+    return run_report(mixed_precision, step, train_seconds, cpu_seconds, reached, history)
 
 
 def _fd_of_ema(unet, ema, scheduler_config) -> float:
@@ -206,17 +211,8 @@ def run_ours(steps: int, eval_every: int, threshold: float, seed: int = 0, preci
     with open(os.path.join(out, "metrics.json")) as f:
         history = json.load(f)["history"]
     step = result["global_step"]
-    return {
-        "mixed_precision": resolved[0],
-        "cpu_seconds": cpu_seconds,
-        "images_per_cpu_s": step * 64 / cpu_seconds,
-        "steps": step,
-        "images": step * 64,
-        "train_seconds": total,
-        "images_per_s": step * 64 / total,
-        "time_to_quality_s": state["reached"],
-        "history": [{"step": h["step"], "frechet_distance": h["frechet_distance"]} for h in history],
-    }
+    history = [{"step": h["step"], "frechet_distance": h["frechet_distance"]} for h in history]
+    return run_report(resolved[0], step, total, cpu_seconds, state["reached"], history)
 
 
 def child(which: str, steps: int, eval_every: int, threshold: float, precision: str) -> None:
