@@ -115,40 +115,30 @@ def main():
     unet = make_unet(args.size)
     b, n = args.batch, args.steps
     ddim_cfg = dict(clip_sample=False)
-    cases = {
-        "UNet calls alone": unet_alone(unet, b, args.size, n),
-        "ours + TutorialDDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n
-        ),
-        "ours + diffusers DDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=DDIMScheduler(**ddim_cfg)), b, n
-        ),
-        "diffusers DDIMPipeline": pipeline_case(DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**ddim_cfg)), b, n),
-        "ours + TutorialDDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDPMScheduler()), b, n
-        ),
-        "ours + diffusers DDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=unet, scheduler=DDPMScheduler()), b, n
-        ),
-        "diffusers DDPMPipeline": pipeline_case(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), b, n),
-    }
-    null = NullUNet(unet)
-    loop_only = {
-        "ours + TutorialDDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n
-        ),
-        "ours + diffusers DDIMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=DDIMScheduler(**ddim_cfg)), b, n
-        ),
-        "diffusers DDIMPipeline": pipeline_case(DDIMPipeline(unet=null, scheduler=DDIMScheduler(**ddim_cfg)), b, n),
-        "ours + TutorialDDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=TutorialDDPMScheduler()), b, n
-        ),
-        "ours + diffusers DDPMScheduler": pipeline_case(
-            TutorialUnconditionalPipeline(unet=null, scheduler=DDPMScheduler()), b, n
-        ),
-        "diffusers DDPMPipeline": pipeline_case(DDPMPipeline(unet=null, scheduler=DDPMScheduler()), b, n),
-    }
+
+    def pipeline_cases(model) -> dict:
+        """Our pipeline with our and diffusers' schedulers, and diffusers' own pipelines, all around `model`."""
+        return {
+            "ours + TutorialDDIMScheduler": pipeline_case(
+                TutorialUnconditionalPipeline(unet=model, scheduler=TutorialDDIMScheduler(**ddim_cfg)), b, n
+            ),
+            "ours + diffusers DDIMScheduler": pipeline_case(
+                TutorialUnconditionalPipeline(unet=model, scheduler=DDIMScheduler(**ddim_cfg)), b, n
+            ),
+            "diffusers DDIMPipeline": pipeline_case(
+                DDIMPipeline(unet=model, scheduler=DDIMScheduler(**ddim_cfg)), b, n
+            ),
+            "ours + TutorialDDPMScheduler": pipeline_case(
+                TutorialUnconditionalPipeline(unet=model, scheduler=TutorialDDPMScheduler()), b, n
+            ),
+            "ours + diffusers DDPMScheduler": pipeline_case(
+                TutorialUnconditionalPipeline(unet=model, scheduler=DDPMScheduler()), b, n
+            ),
+            "diffusers DDPMPipeline": pipeline_case(DDPMPipeline(unet=model, scheduler=DDPMScheduler()), b, n),
+        }
+
+    cases = {"UNet calls alone": unet_alone(unet, b, args.size, n), **pipeline_cases(unet)}
+    loop_only = pipeline_cases(NullUNet(unet))
     times = best_times(cases, args.repeats)
     loop_times = best_times(loop_only, 3 * args.repeats)
     floor = times["UNet calls alone"]
