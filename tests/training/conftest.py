@@ -27,9 +27,14 @@ TINY_UNET = {
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate():
-    """Tiny ops are fastest on one thread on a shared 2-core machine; each run gets a fresh AcceleratorState."""
+def _one_thread_and_fresh_accelerate(monkeypatch):
+    """Tiny ops are fastest on one thread on a shared 2-core machine; each run gets a fresh AcceleratorState.
+
+    These tests mean the CPU (exact resume is bit-for-bit there): on a machine with a GPU, accelerate is told so.
+    """
     from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,6 +93,8 @@ def subprocess_env(**extra) -> dict:
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        CUDA_VISIBLE_DEVICES="",  # training subprocesses of the tests run on the CPU, even where a GPU exists
+        ACCELERATE_USE_CPU="1",
     )
     env.update(extra)
     return env

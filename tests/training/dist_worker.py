@@ -27,9 +27,9 @@ def recording_open(file, mode="r", *args, **kwargs):
     return real_open(file, mode, *args, **kwargs)
 
 
-def recording_loss(model, noise_scheduler, batch, args, g):
+def recording_loss(model, noise_scheduler, batch, *args, **kwargs):
     seen.append(batch["images"].flatten(1).sum(1).cpu())
-    return real_loss(model, noise_scheduler, batch, args, g)
+    return real_loss(model, noise_scheduler, batch, *args, **kwargs)
 
 
 def dumping_save_pipeline(accelerator, model, ema, args, samples, card_text):

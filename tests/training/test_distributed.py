@@ -45,7 +45,8 @@ def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_co
     res = subprocess.run(
         cmd,
         cwd=ROOT,
-        env=subprocess_env(ACCELERATE_USE_CPU="1", DIST_DUMP=str(dump)),
+        # The processes must use gloo on the CPU even on a machine with GPUs: hide them.
+        env=subprocess_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", DIST_DUMP=str(dump)),
         capture_output=True,
         text=True,
         timeout=300,
@@ -74,12 +75,12 @@ def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_co
     torch.testing.assert_close(r0["sharded"], r0["serial"], atol=1e-5, rtol=0)
     torch.testing.assert_close(r1["sharded"], r0["serial"], atol=1e-5, rtol=0)
 
-    # Only the main process writes files (Python-level writes recorded on rank 1: none in the output folder);
-    # accelerate's per-rank RNG state is the one file rank 1 contributes to a checkpoint (written by torch in C++).
+    # Only the main process writes files (Python-level writes recorded on rank 1: none in the output folder but its
+    # own random states, random_states_1.json, in each checkpoint).
     rank1_files = [p for p in r1["written"] if p.startswith(str(out))]
-    assert all(os.path.basename(p) == "random_states_1.pkl" for p in rank1_files)
+    assert all(os.path.basename(p) == "random_states_1.json" for p in rank1_files)
     assert sorted(os.listdir(out / "checkpoint-4")) == sorted(os.listdir(out / "checkpoint-2"))
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= set(os.listdir(out / "checkpoint-4"))
+    assert {"random_states_0.json", "random_states_1.json", "model.safetensors"} <= set(os.listdir(out / "checkpoint-4"))
     assert [os.path.basename(p) for p in sorted(os.listdir(out)) if p.startswith("checkpoint-")] == [
         "checkpoint-2",
         "checkpoint-4",

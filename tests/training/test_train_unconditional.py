@@ -69,16 +69,15 @@ def test_checkpoints_rotate_and_survive_a_kill_mid_save(tmp_path, tiny_config, m
     assert [os.path.basename(p) for p in tu.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
 
     # A save that dies half-way (as under SIGKILL) leaves a temp folder; the last complete checkpoint is intact.
-    from accelerate import Accelerator
+    from training import checkpoints
 
-    real_save = Accelerator.save_state
+    real_save = checkpoints.save_file
 
-    def dying_save(self, output_dir=None, **kwargs):
-        real_save(self, output_dir, **kwargs)
-        os.remove(os.path.join(output_dir, "optimizer.bin"))
+    def dying_save(tensors, path, *args, **kwargs):
+        real_save(tensors, path, *args, **kwargs)
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(Accelerator, "save_state", dying_save)
+    monkeypatch.setattr(checkpoints, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         tu.main(
             tiny_args(
@@ -94,7 +93,7 @@ def test_checkpoints_rotate_and_survive_a_kill_mid_save(tmp_path, tiny_config, m
         )
     assert os.path.isdir(out / ".tmp-checkpoint-8")
     assert [os.path.basename(p) for p in tu.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
-    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    monkeypatch.setattr(checkpoints, "save_file", real_save)
 
     result = tu.main(
         tiny_args(
@@ -218,12 +217,13 @@ def test_output_folder_is_a_pipeline_with_the_ema_weights(tmp_path, tiny_config)
             "tensorboard",
         )
     )
-    ema_state = torch.load(out / "checkpoint-4" / "custom_checkpoint_2.pkl", weights_only=False)
+    ema_state = load_file(out / "checkpoint-4" / "ema.safetensors")
     weights = _unet_weights(out)
     from diffusers import UNet2DModel
 
     names = [n for n, _ in UNet2DModel.from_config(UNet2DModel.load_config(tiny_config)).named_parameters()]
-    for name, shadow in zip(names, ema_state["shadow_params"]):
+    for i, name in enumerate(names):
+        shadow = ema_state[str(i)]
         assert torch.equal(weights[name], shadow.float())
     with open(out / "metrics.json") as f:
         saved = json.load(f)

@@ -174,11 +174,10 @@ class TutorialDiscreteScheduler:
         return sample
 
     def _coefs_at(self, timesteps: torch.Tensor, like: torch.Tensor):
-        timesteps = torch.as_tensor(timesteps, device=self._sqrt_alpha_bar.device).flatten().long()
-        if self._sqrt_alpha_bar.device != like.device:
+        if self._sqrt_alpha_bar.device != like.device:  # the tables follow the data, once; t never leaves it
             self._sqrt_alpha_bar = self._sqrt_alpha_bar.to(like.device)
             self._sqrt_one_minus_alpha_bar = self._sqrt_one_minus_alpha_bar.to(like.device)
-            timesteps = timesteps.to(like.device)
+        timesteps = torch.as_tensor(timesteps, device=like.device).flatten().long()
         a = tm.expand_to(self._sqrt_alpha_bar[timesteps], like)
         s = tm.expand_to(self._sqrt_one_minus_alpha_bar[timesteps], like)
         return a, s

@@ -1,0 +1,269 @@
+"""Training checkpoints: code-free, atomic, rotated, and always on the run's current branch.
+
+A checkpoint is a folder `checkpoint-<update>` that holds only data formats that cannot run code when read:
+
+    training_state.json        the loop position, the flags that define the run, the optimizer's hyperparameters,
+                               the LR schedule, the EMA step, the loss scaler
+    model.safetensors          the model's weights (unwrapped from DDP)
+    optimizer.safetensors      the optimizer's per-parameter tensors ("<param index>.<name>", e.g. Adam's moments)
+    ema.safetensors            the EMA shadow weights, by position
+    random_states_<rank>.json  each process's Python, NumPy, torch CPU and CUDA generator states
+
+Reading a checkpoint refuses any other file (a pickle such as an older `custom_checkpoint_0.pkl`, `optimizer.bin`)
+with an error that names it: nothing is unpickled, ever. Tensors are read on the CPU and copied into the training
+state, which lives on `accelerator.device` (so a checkpoint written on a GPU resumes on a CPU and back).
+
+Writing is atomic: every process writes into `.tmp-checkpoint-<update>`, then the main process renames the folder
+(one filesystem operation). A kill at any moment leaves the previous checkpoints intact. Rotation
+(`--checkpoints_total_limit`) deletes the oldest checkpoints of the current branch; resuming from an older
+checkpoint first moves the later ones (an abandoned branch) aside into `abandoned/`, so "latest" is always the newest
+checkpoint of the run that is going on.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.errors import TrainingError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+ABANDONED = "abandoned"
+STATE_FILE = "training_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+EMA_FILE = "ema.safetensors"
+RNG_FILE = "random_states_{}.json"
+# Every file a checkpoint may hold: the same tuple decides what is written, what is read and what is refused.
+ALLOWED_FILES = re.compile(
+    r"^(training_state\.json|model\.safetensors|optimizer\.safetensors|ema\.safetensors|"
+    r"random_states_\d+\.json)$"
+)
+FORMAT_VERSION = 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding checkpoints, and the current branch
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoint_step(path: str) -> Optional[int]:
+    """The update number of a `checkpoint-<update>` folder, or None for any other name."""
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoints (`checkpoint-<update>`) in `output_dir`, oldest first; temp folders are ignored."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(step, name) for name in os.listdir(output_dir) if (step := checkpoint_step(name)) is not None]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_checkpoint(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint folder to resume from: `None`, `'latest'` (None when there is none yet) or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = resume if os.path.isabs(resume) or os.path.exists(resume) else os.path.join(output_dir, resume)
+    if not os.path.isdir(path):
+        raise TrainingError(f"--resume_from_checkpoint={resume!r}: no checkpoint folder at {path!r}.")
+    return path
+
+
+def set_aside_later_checkpoints(output_dir: str, step: int) -> Optional[str]:
+    """Move the checkpoints after update `step` (a branch the resumed run abandons) into `abandoned/<time>/`.
+
+    Returns:
+        The folder they were moved to, or None when there were none.
+    """
+    later = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    if not later:
+        return None
+    dest = os.path.join(output_dir, ABANDONED, time.strftime("%Y%m%d-%H%M%S") + f"-resumed-at-{step}")
+    while os.path.exists(dest):
+        dest += "+"
+    os.makedirs(dest)
+    for path in later:
+        os.replace(path, os.path.join(dest, os.path.basename(path)))
+    return dest
+
+
+def rotate(output_dir: str, total_limit: Optional[int], keep: str) -> None:
+    """Delete the oldest checkpoints of the current branch beyond `total_limit` (never `keep`), and save leftovers."""
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            if os.path.abspath(old) != os.path.abspath(keep):
+                shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(output_dir):  # leftovers of saves that were killed
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random states as JSON
+# ----------------------------------------------------------------------------------------------------------------
+def rng_state() -> Dict:
+    """This process's generator states (Python, NumPy, torch CPU, every CUDA device) as JSON-able lists."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+        torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer as tensors + JSON
+# ----------------------------------------------------------------------------------------------------------------
+def split_optimizer_state(state_dict: Dict) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """An optimizer `state_dict()` as (tensors by "<param index>.<name>", JSON-able hyperparameters)."""
+    tensors, scalars = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def join_optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict) -> Dict:
+    """The inverse of `split_optimizer_state`: a `state_dict()` for `optimizer.load_state_dict`."""
+    state: Dict[int, Dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing and reading
+# ----------------------------------------------------------------------------------------------------------------
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    tensors: Dict[str, Dict[str, torch.Tensor]],
+    state: Dict,
+    total_limit: Optional[int] = None,
+) -> str:
+    """Write `checkpoint-<step>` atomically (every process takes part; only the main process writes shared files).
+
+    Args:
+        accelerator (`accelerate.Accelerator`): for the process index and the barriers.
+        output_dir (`str`): the run's folder.
+        step (`int`): the update number.
+        tensors (`dict`): file name -> {name: tensor}, e.g. {"model.safetensors": model.state_dict()}.
+        state (`dict`): the JSON-able training state (`training_state.json`).
+        total_limit (`int`, *optional*): keep at most this many checkpoints of the current branch.
+
+    Returns:
+        `str`: the checkpoint folder.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    _write_json(os.path.join(tmp, RNG_FILE.format(accelerator.process_index)), rng_state())
+    if accelerator.is_main_process:
+        for name, named in tensors.items():
+            if not ALLOWED_FILES.match(name):
+                raise ValueError(f"{name!r} is not a checkpoint file name ({ALLOWED_FILES.pattern}).")
+            path = os.path.join(tmp, name)
+            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
+            _fsync(path)
+        _write_json(os.path.join(tmp, STATE_FILE), {**state, "format": FORMAT_VERSION})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(output_dir)
+        rotate(output_dir, total_limit, keep=final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint(
+    path: str, process_index: int = 0
+) -> Tuple[Dict, Dict[str, Dict[str, torch.Tensor]], Optional[Dict]]:
+    """Read a checkpoint folder on the CPU, refusing anything that is not one of its JSON or safetensors files.
+
+    Returns:
+        `(state, tensors, rng)`: the training state, file name -> tensors, and this process's random states
+        (None when the checkpoint was written by fewer processes).
+    """
+    names = sorted(os.listdir(path))
+    foreign = [n for n in names if not ALLOWED_FILES.match(n)]
+    if foreign:
+        raise TrainingError(
+            f"checkpoint {path!r} holds {foreign[0]!r}, which is not one of a checkpoint's JSON or safetensors "
+            "files; it is refused, since a pickle can run code when loaded (checkpoints of this version hold "
+            "only training_state.json, *.safetensors and random_states_<rank>.json)."
+        )
+    if STATE_FILE not in names:
+        raise TrainingError(f"checkpoint {path!r} is incomplete or corrupt: {STATE_FILE} is missing.")
+    current = STATE_FILE
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        tensors = {}
+        for name in names:
+            if name.endswith(".safetensors"):
+                current = name
+                tensors[name] = load_file(os.path.join(path, name), device="cpu")
+        rng = None
+        current = RNG_FILE.format(process_index)
+        if current in names:
+            with open(os.path.join(path, current)) as f:
+                rng = json.load(f)
+    except Exception as err:
+        raise TrainingError(
+            f"checkpoint {path!r} is corrupt and cannot be loaded ({current}): {type(err).__name__}: {err}"
+        ) from err
+    return state, tensors, rng
