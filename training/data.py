@@ -82,23 +82,47 @@ def load_digits_tensors(resolution: int = 16, split: str = "train") -> Tuple[tor
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding images once
 # ----------------------------------------------------------------------------------------------------------------
-def pil_to_tensor(image: Image.Image, resolution: int, channels: int, center_crop: bool) -> torch.Tensor:
+# Integer modes of more than 8 bits, by the largest value of their range (PNG's 16-bit grayscale opens as "I;16", or
+# as "I" in older Pillow): scaled by that value, never clipped to 8 bits.
+HIGH_BIT_DEPTH_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def pil_to_tensor(image: Image.Image, resolution: int, channels: int, center_crop: bool, name: str = "image"):
     """Convert, resize the shorter side to `resolution` and (center-)crop a PIL image; returns (C, H, W) in [-1, 1].
 
-    Without `center_crop` the longer side is kept (the crop is random and happens per epoch in the dataset).
+    8-bit images go through PIL's "L"/"RGB" conversion; 16-bit grayscale ("I;16", "I") is scaled by 65535 in
+    floating point (PIL's own conversion to "L" would clip it). Without `center_crop` the longer side is kept (the
+    crop is random and happens per epoch in the dataset). `name` names the image in errors.
     """
-    image = image.convert("L" if channels == 1 else "RGB")
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        top = HIGH_BIT_DEPTH_MODES[image.mode]
+        low, high = image.getextrema()
+        if low < 0 or high > top:
+            raise ValueError(
+                f"image {name} has mode {image.mode!r} with values in [{low}, {high}], outside the 16-bit range "
+                f"[0, {top}]; convert it to 8- or 16-bit first."
+            )
+        image, scale = image.convert("F"), float(top)
+    elif image.mode == "F":
+        raise ValueError(
+            f"image {name} has mode 'F' (32-bit floating point), whose value range is unknown; convert it to "
+            "an 8- or 16-bit image first."
+        )
+    else:
+        image, scale = image.convert("L" if channels == 1 else "RGB"), 255.0
     w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    rescale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * rescale)), max(resolution, round(h * rescale))
     image = image.resize((new_w, new_h), resample=Image.BILINEAR)
     if center_crop:
         left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = np.asarray(image, dtype=np.float32) / scale
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1) * 2 - 1
+    if array.shape[-1] != channels:  # a 16-bit grayscale image for a 3-channel model
+        array = np.repeat(array, channels, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp(0, 1) * 2 - 1
 
 
 def _decode(source, name: str) -> Image.Image:
@@ -122,7 +146,7 @@ def decode_images(
     tensors, kept, skipped = [], [], []
     for i, (source, name) in enumerate(zip(sources, names)):
         try:
-            tensors.append(pil_to_tensor(_decode(source, name), resolution, channels, center_crop))
+            tensors.append(pil_to_tensor(_decode(source, name), resolution, channels, center_crop, name))
             kept.append(i)
         except BrokenImageError:
             if not skip_broken:

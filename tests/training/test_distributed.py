@@ -80,7 +80,9 @@ def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_co
     rank1_files = [p for p in r1["written"] if p.startswith(str(out))]
     assert all(os.path.basename(p) == "random_states_1.json" for p in rank1_files)
     assert sorted(os.listdir(out / "checkpoint-4")) == sorted(os.listdir(out / "checkpoint-2"))
-    assert {"random_states_0.json", "random_states_1.json", "model.safetensors"} <= set(os.listdir(out / "checkpoint-4"))
+    assert {"random_states_0.json", "random_states_1.json", "model.safetensors"} <= set(
+        os.listdir(out / "checkpoint-4")
+    )
     assert [os.path.basename(p) for p in sorted(os.listdir(out)) if p.startswith("checkpoint-")] == [
         "checkpoint-2",
         "checkpoint-4",
