@@ -3,6 +3,7 @@
     python benchmarks/bench_training.py                  # throughput + memory, 2 interleaved repeats
     python benchmarks/bench_training.py --pairs defaults # only ours (defaults) vs theirs (defaults)
     python benchmarks/bench_training.py --quality        # also time-to-quality (~15 min on 2 CPUs)
+    python benchmarks/bench_training.py --quick          # 3 updates, the defaults pair once (the test suite)
 
 "Theirs" re-creates the training loop of diffusers' examples/unconditional_image_generation/train_unconditional.py
 (0.42.x) without torchvision: a `datasets.Dataset` whose transform decodes, resizes and normalises every image on
@@ -270,9 +271,14 @@ def main():
     p.add_argument("--output", default=None, help="Also write the full report (with histories) as JSON here.")
     p.add_argument("--repeats", type=int, default=2, help="Interleaved repeats of every pair.")
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=tuple(PAIRS), help="Which comparisons to run.")
+    p.add_argument(
+        "--quick", action="store_true", help="A few updates, one repeat, the defaults pair (for the tests)."
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="default", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.steps, args.repeats, args.pairs, args.quality = 3, 1, ["defaults"], False
     if args.child:
         return child(args.child, args.steps, args.eval_every, args.threshold, args.precision)
 

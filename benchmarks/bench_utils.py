@@ -1,0 +1,244 @@
+"""Pieces the training benchmarks share: a generated image folder, UNet configs, and diffusers' training loop.
+
+"diffusers' loop" re-creates the training loop of diffusers' `examples/unconditional_image_generation/
+train_unconditional.py` (0.42.x) without torchvision: a `datasets.Dataset` of PIL images whose transform resizes,
+center-crops and normalises every image on every access, `shuffle=True`, `DDPMScheduler.add_noise`, ε-prediction
+MSE, `accelerator.accumulate`, gradient clipping at 1.0, AdamW (β1 = 0.95, weight decay 1e-6), a cosine schedule with
+500 warm-up updates, an `EMAModel` moved to the device, the loss read every update (as the script logs it), and that
+script's defaults (lr 1e-4, EMA max decay 0.9999).
+"""
+
+import os
+import time
+from typing import Dict, List
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# diffusers' train_unconditional.py builds this UNet when no --model_config_name_or_path is given (113.7 M parameters
+# at 64x64 RGB).
+DIFFUSERS_DDPM_UNET = {
+    "layers_per_block": 2,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "down_block_types": [
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+}
+# The same architecture, narrow (for `--quick` runs on a CPU): the same block types, widths / 16.
+TINY_DDPM_UNET = {
+    **DIFFUSERS_DDPM_UNET,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 8, 16, 16, 32, 32],
+    "norm_num_groups": 8,
+}
+# A mid-size UNet for 32x32 on a CPU: 4 levels, attention at 8x8, ~9 M parameters.
+MID_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": [64, 128, 128, 256],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+}
+
+
+def unet_config(arch: Dict, resolution: int, channels: int = 3) -> Dict:
+    """A full `UNet2DModel` config.json dict for `arch` at `resolution`."""
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": resolution,
+        "in_channels": channels,
+        "out_channels": channels,
+        **arch,
+    }
+
+
+def write_shapes_folder(folder: str, num_images: int, resolution: int, seed: int = 0) -> str:
+    """A folder of `num_images` RGB PNGs: coloured ellipses and boxes on smooth two-colour gradients.
+
+    Structured like natural images at small scale (smooth regions, sharp edges), made without any download.
+    """
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    ramp = np.linspace(0.0, 1.0, resolution, dtype=np.float32)
+    for i in range(num_images):
+        c0, c1 = rng.randint(0, 256, 3), rng.randint(0, 256, 3)
+        direction = ramp[None, :, None] if rng.rand() < 0.5 else ramp[:, None, None]
+        background = (c0 * (1 - direction) + c1 * direction).astype(np.uint8)
+        background = np.broadcast_to(background, (resolution, resolution, 3)).copy()
+        image = Image.fromarray(background)
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 4)):
+            x0, y0 = rng.randint(0, resolution - 4, 2)
+            w, h = rng.randint(3, max(4, resolution // 2), 2)
+            box = [int(x0), int(y0), int(min(resolution - 1, x0 + w)), int(min(resolution - 1, y0 + h))]
+            fill = tuple(int(v) for v in rng.randint(0, 256, 3))
+            (draw.ellipse if rng.rand() < 0.5 else draw.rectangle)(box, fill=fill)
+        image.save(os.path.join(folder, f"{i:05d}.png"))
+    return folder
+
+
+def diffusers_loop(
+    folder: str,
+    config: Dict,
+    steps: int,
+    batch_size: int,
+    mixed_precision: str,
+    seed: int = 0,
+    learning_rate: float = 1e-4,
+    warmup: int = 500,
+) -> Dict:
+    """Train `config` on the images of `folder` with diffusers' loop (module docstring).
+
+    Returns:
+        `dict`: `losses` (one per update), `seconds` (the loop, data loading in), `images_per_s`,
+        `peak_memory_gb` (CUDA, or None on the CPU), `device`.
+    """
+    import datasets
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(seed)
+    resolution = config["sample_size"]
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
+    ds = datasets.Dataset.from_dict({"image": files}, features=datasets.Features({"image": datasets.Image()}))
+
+    def transforms(examples):  # Resize(bilinear) + CenterCrop + ToTensor + Normalize([0.5], [0.5]), per access
+        out = []
+        for image in examples["image"]:
+            image = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
+            out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1)
+        return {"input": out}
+
+    ds.set_transform(transforms)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    model = UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.95, 0.999), weight_decay=1e-6)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    ema.to(accelerator.device)
+    cuda = accelerator.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses: List[float] = []
+    start = time.perf_counter()
+    while len(losses) < steps:
+        for batch in loader:
+            clean = batch["input"].to(weight_dtype)
+            noise = torch.randn(clean.shape, dtype=weight_dtype, device=clean.device)
+            t = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
+            noisy = noise_scheduler.add_noise(clean, noise, t)
+            with accelerator.accumulate(model):
+                loss = F.mse_loss(model(noisy, t).sample.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            ema.step(model.parameters())
+            losses.append(loss.detach().item())
+            if len(losses) >= steps:
+                break
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "losses": losses,
+        "seconds": seconds,
+        "images_per_s": steps * batch_size / seconds,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "device": str(accelerator.device),
+    }
+
+
+def ours_loop(folder: str, config_path: str, steps: int, batch_size: int, extra: List[str], output_dir: str) -> Dict:
+    """Train with `training/train_unconditional.py` (its defaults plus `extra`), timed like `diffusers_loop`.
+
+    The clock starts at the first micro-batch and stops where the final checkpoint starts (start-up, the final
+    evaluation and export excluded, as in `diffusers_loop`).
+    """
+    import json
+
+    import torch
+
+    from training import train_unconditional as tu
+
+    clock = {}
+    real_micro_step, real_save = tu.micro_step, tu.save_checkpoint
+
+    def timed_micro_step(run, *args, **kwargs):
+        if "start" not in clock:
+            clock["start"] = time.perf_counter()
+            clock["device"] = str(run.accelerator.device)
+            if run.accelerator.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        return real_micro_step(run, *args, **kwargs)
+
+    def timed_save(run, *args, **kwargs):
+        if run.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+            clock.setdefault("peak", torch.cuda.max_memory_allocated() / 2**30)
+        clock.setdefault("end", time.perf_counter())
+        return real_save(run, *args, **kwargs)
+
+    tu.micro_step, tu.save_checkpoint = timed_micro_step, timed_save
+    try:
+        argv = [
+            "--train_data_dir",
+            folder,
+            "--resolution",
+            str(json.load(open(config_path))["sample_size"]),
+            "--model_config_name_or_path",
+            config_path,
+            "--train_batch_size",
+            str(batch_size),
+            "--max_train_steps",
+            str(steps),
+            "--checkpointing_steps",
+            str(steps),
+            "--output_dir",
+            output_dir,
+            "--logger",
+            "none",
+            "--eval_batch_size",
+            "4",
+            "--ddpm_num_inference_steps",
+            "5",
+            *extra,
+        ]
+        tu.main(argv)
+    finally:
+        tu.micro_step, tu.save_checkpoint = real_micro_step, real_save
+    with open(os.path.join(output_dir, "losses.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    seconds = clock["end"] - clock["start"]
+    return {
+        "losses": [r["loss"] for r in sorted(rows, key=lambda r: r["step"])],
+        "seconds": seconds,
+        "images_per_s": steps * batch_size / seconds,
+        "peak_memory_gb": clock.get("peak"),
+        "device": clock["device"],
+        "learning_rate": metrics["learning_rate"],
+        "mixed_precision": metrics["mixed_precision"],
+    }
+
+
+def window_mean(losses: List[float], update: int, width: int = 10) -> float:
+    """The mean loss of updates `update - width + 1 .. update` (1-based): one update's loss is too noisy to compare."""
+    window = losses[max(0, update - width) : update]
+    return sum(window) / len(window)

@@ -1,0 +1,49 @@
+"""The benchmarks' `--quick` CPU modes run in the suite, so that they cannot rot (their numbers are not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(script, *args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", BENCH_THREADS="1", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def test_gpu_check_runs_every_section_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    stdout = _run("gpu_check.py", "--device", "cpu", "--quick", "--output", str(out))
+    report = json.loads(out.read_text())
+    assert report["digits"]["resume_continued_exactly"] is True and report["digits"]["updates"] == 4
+    assert report["folder-ours"]["learning_rate"] == 1e-4  # a user's model gets diffusers' defaults
+    assert report["folder-ours"]["parameters_m"] == report["folder-diffusers"]["parameters_m"]
+    rows = [row for row in report["sampling"].values() if isinstance(row, dict)]
+    assert len(rows) == 6 and all(row["finite"] for row in rows)
+    assert "loss_ratio_at_end (ours / diffusers)" in stdout
+
+
+def test_bench_defaults_quick(tmp_path):
+    out = tmp_path / "defaults.json"
+    _run("bench_defaults.py", "--quick", "--output", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"ours", "ours-small-preset", "diffusers"}
+    assert report["runs"]["ours-small-preset"]["learning_rate"] == 2e-3
+
+
+def test_bench_training_quick(tmp_path):
+    out = tmp_path / "training.json"
+    _run("bench_training.py", "--quick", "--output", str(out))
+    report = json.loads(out.read_text())
+    assert report["throughput_ratio"] > 0
