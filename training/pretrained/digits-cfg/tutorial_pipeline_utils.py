@@ -186,10 +186,33 @@ class TutorialPipelineBase(DiffusionPipeline):
         )
 
     def run_callback(self, callback, step_index: int, timestep, tensor_inputs: Sequence[str], local_vars: Dict):
-        """diffusers' `callback_on_step_end(pipe, i, t, callback_kwargs) -> dict` protocol; returns the dict."""
+        """diffusers' `callback_on_step_end(pipe, i, t, callback_kwargs) -> dict` protocol; returns the dict.
+
+        What comes back is checked before the loop uses it: a dict (or None), whose `"latents"`, if any, is a tensor of
+        x_t's shape (it replaces x_t for the next step).
+        """
         callback_kwargs = {k: local_vars[k] for k in tensor_inputs}
         outputs = callback(self, step_index, timestep, callback_kwargs)
-        return outputs if outputs is not None else {}
+        if outputs is None:
+            return {}
+        if not isinstance(outputs, dict):
+            raise ValueError(
+                f"callback_on_step_end returned a {type(outputs).__name__} at step {step_index}; it must return a dict "
+                "(e.g. {'latents': new_x_t}) or None."
+            )
+        if "latents" in outputs:
+            latents, expected = outputs["latents"], tuple(local_vars["latents"].shape)
+            if not torch.is_tensor(latents):
+                got = f"that are a {type(latents).__name__}, not a tensor,"
+            elif tuple(latents.shape) != expected:
+                got = f"of shape {tuple(latents.shape)}"
+            else:
+                return outputs
+            raise ValueError(
+                f"callback_on_step_end returned latents {got} at step {step_index}; they replace x_t, so they must be "
+                f"a tensor of x_t's shape {expected} (batch_size, in_channels, H, W)."
+            )
+        return outputs
 
     @staticmethod
     def resolve_callback_inputs(callback, tensor_inputs: Sequence[str]) -> Sequence[str]:
