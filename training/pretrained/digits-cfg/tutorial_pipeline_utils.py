@@ -507,8 +507,12 @@ class TutorialPipelineBase(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         kwargs.pop("trust_remote_code", None)
         folder = _resolve_folder(pretrained_model_name_or_path, kwargs)
-        with open(os.path.join(folder, MODEL_INDEX), encoding="utf-8") as f:
-            index = json.load(f)
+        index_path = os.path.join(folder, MODEL_INDEX)
+        with open(index_path, encoding="utf-8") as f:
+            try:
+                index = json.load(f)
+            except ValueError as err:
+                raise ValueError(f"{index_path} is not valid JSON ({err}); the pipeline folder is damaged.") from err
         model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", "variant", "use_safetensors") if k in kwargs}
         expected, _ = cls._get_signature_keys(cls)
         components = {}
@@ -520,9 +524,14 @@ class TutorialPipelineBase(DiffusionPipeline):
             if entry is None or entry[0] is None:
                 components[name] = None
                 continue
+            path = os.path.join(folder, name)
+            if not os.path.isdir(path):  # else diffusers would take the path for a Hub repo id and try to download it
+                raise ValueError(
+                    f"{name}: {MODEL_INDEX} names {entry} but {path} is not a folder; the pipeline folder is incomplete."
+                )
             component_cls = _find_class(entry[1], name, entry[0])
             load_kwargs = model_kwargs if issubclass(component_cls, ModelMixin) else {}
-            components[name] = component_cls.from_pretrained(os.path.join(folder, name), **load_kwargs)
+            components[name] = component_cls.from_pretrained(path, **load_kwargs)
         if kwargs:
             logger.warning(f"{cls.__name__}.from_pretrained ignores the arguments {sorted(kwargs)}.")
         pipe = cls(**components)
