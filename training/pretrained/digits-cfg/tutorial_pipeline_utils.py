@@ -7,8 +7,9 @@ non-diffusers scheduler's source (with its sibling files) to `scheduler/`, and w
 entries `["<file stem>", "<Class>"]` that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` executes.
 With our package imported, `OurPipeline.from_pretrained(folder)` loads the same folder without running shipped code.
 
-Saving into a folder that holds an earlier save replaces it without a moment where the folder fails to load: the new
-save is written to a staging folder inside it and swapped in entry by entry, `model_index.json` last (`_swap_in`).
+Saving into a folder that holds an earlier save: the new save is written to a staging folder inside it, then swapped
+in entry by entry, `model_index.json` last (`_swap_in`), so that a failed or killed save leaves a folder that loads
+(`save_pretrained` states the exact guarantee).
 
 This file is shipped inside saved folders: it imports only torch, numpy, PIL, diffusers and huggingface_hub.
 """
