@@ -79,12 +79,17 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
             )
 
     def preprocess_mask(self, mask_image: MaskInput, image_shape) -> torch.Tensor:
-        """A binary mask (1 = known pixel, kept; 0 = generated) broadcastable to (B, C, H, W)."""
+        """A binary mask (1 = known pixel, kept; 0 = generated) of shape (1 or B, 1 or C, H, W)."""
         if isinstance(mask_image, PIL.Image.Image):
             mask_image = np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0
         mask = torch.as_tensor(np.asarray(mask_image) if isinstance(mask_image, np.ndarray) else mask_image)
         if not torch.is_tensor(mask):
             raise ValueError(f"mask_image must be a tensor, an array or a PIL image; got {type(mask_image).__name__}.")
+        if mask.ndim not in (2, 3, 4):
+            raise ValueError(
+                f"mask_image has {mask.ndim} dimensions (shape {tuple(mask.shape)}); allowed shapes: (H, W), "
+                "(1 or C, H, W) and (1 or B, 1 or C, H, W)."
+            )
         mask = mask.float()
         while mask.ndim < 4:
             mask = mask[None]
@@ -129,7 +134,8 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
         Args:
             image (`torch.Tensor`, `np.ndarray` or PIL images): the images, in [0, 1], shape as the UNet's samples.
             mask_image (`torch.Tensor`, `np.ndarray` or PIL image): binary, 1 = known (kept), 0 = inpainted; shape
-                (H, W) or (1 or B, 1 or C, H, W). Non-binary masks raise (we do not threshold silently).
+                (H, W), (1 or C, H, W) or (1 or B, 1 or C, H, W). Non-binary masks raise (we do not threshold
+                silently).
             num_inference_steps (`int`, defaults to 250): N, the grid's length.
             jump_length (`int`, defaults to 10): levels to go back up at each resampling (RePaint's j).
             jump_n_sample (`int`, defaults to 10): passes over each resampled stretch (RePaint's r); 1 = no

@@ -58,7 +58,8 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (B, H, W, C) or `"pt"` (B, C, H, W).
             return_dict (`bool`, defaults to `True`): return a `TutorialPipelineOutput` rather than a tuple.
             callback_on_step_end (`Callable`, *optional*): `fn(pipe, step_index, timestep, callback_kwargs) -> dict`
-                called after every scheduler step (diffusers' protocol); a returned `"latents"` replaces x_t.
+                called after every scheduler step (diffusers' protocol); a returned `"latents"` replaces x_t and must
+                have its shape.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): what `callback_kwargs` holds.
             return_trajectory (`bool`, defaults to `False`): also return x_t and x̂_0 at every step.
 

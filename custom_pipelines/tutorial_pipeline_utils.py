@@ -7,10 +7,16 @@ non-diffusers scheduler's source (with its sibling files) to `scheduler/`, and w
 entries `["<file stem>", "<Class>"]` that `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` executes.
 With our package imported, `OurPipeline.from_pretrained(folder)` loads the same folder without running shipped code.
 
+Saving into a folder that holds an earlier save: the new save is written to a staging folder inside it, then swapped
+in entry by entry, `model_index.json` last (`_swap_in`), so that a failed or killed save leaves a folder that loads
+(`save_pretrained` states the exact guarantee).
+
 This file is shipped inside saved folders: it imports only torch, numpy, PIL, diffusers and huggingface_hub.
 """
 
 import ast
+import ctypes
+import functools
 import importlib
 import inspect
 import json
@@ -36,6 +42,7 @@ ImageInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image, List[PIL.Image.Ima
 MODEL_INDEX = "model_index.json"
 MODEL_CARD = "README.md"
 SAMPLES_DIR = "samples"
+SAVE_STAGING_PREFIX = ".tmp-pipeline-save-"  # `save_pretrained` writes here first, inside the target folder
 DEFAULT_NUM_INFERENCE_STEPS = 50
 _SCHEDULER_PACKAGE = "schedulers"  # where this project's scheduler modules live when it is installed
 # diffusers' remote-code loader finds sibling files only through lines of these two forms
@@ -180,10 +187,33 @@ class TutorialPipelineBase(DiffusionPipeline):
         )
 
     def run_callback(self, callback, step_index: int, timestep, tensor_inputs: Sequence[str], local_vars: Dict):
-        """diffusers' `callback_on_step_end(pipe, i, t, callback_kwargs) -> dict` protocol; returns the dict."""
+        """diffusers' `callback_on_step_end(pipe, i, t, callback_kwargs) -> dict` protocol; returns the dict.
+
+        What comes back is checked before the loop uses it: a dict (or None), whose `"latents"`, if any, is a tensor of
+        x_t's shape (it replaces x_t for the next step).
+        """
         callback_kwargs = {k: local_vars[k] for k in tensor_inputs}
         outputs = callback(self, step_index, timestep, callback_kwargs)
-        return outputs if outputs is not None else {}
+        if outputs is None:
+            return {}
+        if not isinstance(outputs, dict):
+            raise ValueError(
+                f"callback_on_step_end returned a {type(outputs).__name__} at step {step_index}; it must return a dict "
+                "(e.g. {'latents': new_x_t}) or None."
+            )
+        if "latents" in outputs:
+            latents, expected = outputs["latents"], tuple(local_vars["latents"].shape)
+            if not torch.is_tensor(latents):
+                got = f"that are a {type(latents).__name__}, not a tensor,"
+            elif tuple(latents.shape) != expected:
+                got = f"of shape {tuple(latents.shape)}"
+            else:
+                return outputs
+            raise ValueError(
+                f"callback_on_step_end returned latents {got} at step {step_index}; they replace x_t, so they must be "
+                f"a tensor of x_t's shape {expected} (batch_size, in_channels, H, W)."
+            )
+        return outputs
 
     @staticmethod
     def resolve_callback_inputs(callback, tensor_inputs: Sequence[str]) -> Sequence[str]:
@@ -251,9 +281,26 @@ class TutorialPipelineBase(DiffusionPipeline):
         sample_images: Optional[Sequence] = None,
         model_card_text: Optional[str] = None,
         repo_id: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
         **kwargs,
     ):
         """Write a self-contained pipeline folder: weights, configs, our code, list-form `model_index.json`, a card.
+
+        The folder may hold an earlier save and files the pipeline does not own (a training run's checkpoints, logs,
+        metrics, anything of the user's). What is guaranteed:
+
+        - Everything is first written to a staging folder inside `save_directory`; an error or a kill while writing
+          (where a save spends its time) leaves the earlier save and every other file exactly as they were.
+        - Then the save's entries (`README.md`, the pipeline's code files, `unet/`, `scheduler/`, `samples/`) replace
+          their namesakes one at a time, each in one atomic rename (a folder is exchanged with the old one by Linux'
+          `renameat2(RENAME_EXCHANGE)`; where the system lacks it, the old folder is moved aside first and the entry
+          is missing for that instant), and `model_index.json` is renamed in last: the commit. A kill during these few
+          renames can leave some entries old and others new, each one whole, under the old `model_index.json`, which
+          still finds every module it names (new component folders carry the old code files until the commit): the
+          folder loads, with components from both saves, until it is saved again. After the commit it is the new save.
+        - What the earlier save wrote and this one does not (an fp16 variant, sharded weights and their index, more
+          samples, another pipeline's code) is gone when the save returns. Entries the pipeline does not own are never
+          touched. One save at a time per folder: a save removes the staging folders of saves that were killed.
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder (created if missing).
@@ -268,22 +315,35 @@ class TutorialPipelineBase(DiffusionPipeline):
             model_card_text (`str`, *optional*): extra markdown appended to the model card.
             repo_id (`str`, *optional*): the Hub repository the folder is meant for, named in the model card's loading
                 example (and the upload target when `push_to_hub=True`; defaults to the folder's name then).
+            max_shard_size (`int` or `str`, *optional*): split weights larger than this into shards, as in diffusers.
 
         Returns:
             `None`, or the upload's `CommitInfo` when `push_to_hub=True`.
         """
         save_directory = os.fspath(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant)
-        self._make_self_contained(save_directory)
-        sample_files = _write_sample_images(sample_images, save_directory)
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise ValueError(f"save_directory={save_directory!r} is a file; pass a folder (created if missing).")
         if push_to_hub and repo_id is None:
             repo_id = os.path.basename(os.path.normpath(save_directory))
-        card = self.model_card(
-            num_inference_steps, sample_files=sample_files, extra_text=model_card_text, repo_id=repo_id
-        )
-        with open(os.path.join(save_directory, MODEL_CARD), "w", encoding="utf-8") as f:
-            f.write(card)
+        os.makedirs(save_directory, exist_ok=True)
+        for name in os.listdir(save_directory):  # staging folders of saves that were killed
+            if name.startswith(SAVE_STAGING_PREFIX):
+                shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+        staging = tempfile.mkdtemp(prefix=SAVE_STAGING_PREFIX, dir=save_directory)
+        try:
+            super().save_pretrained(
+                staging, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+            )
+            self._make_self_contained(staging)
+            sample_files = _write_sample_images(sample_images, staging)
+            card = self.model_card(
+                num_inference_steps, sample_files=sample_files, extra_text=model_card_text, repo_id=repo_id
+            )
+            with open(os.path.join(staging, MODEL_CARD), "w", encoding="utf-8") as f:
+                f.write(card)
+            _swap_in(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if push_to_hub:
             return _upload_folder(save_directory, repo_id, **kwargs)
         return None
@@ -448,8 +508,12 @@ class TutorialPipelineBase(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         kwargs.pop("trust_remote_code", None)
         folder = _resolve_folder(pretrained_model_name_or_path, kwargs)
-        with open(os.path.join(folder, MODEL_INDEX), encoding="utf-8") as f:
-            index = json.load(f)
+        index_path = os.path.join(folder, MODEL_INDEX)
+        with open(index_path, encoding="utf-8") as f:
+            try:
+                index = json.load(f)
+            except ValueError as err:
+                raise ValueError(f"{index_path} is not valid JSON ({err}); the pipeline folder is damaged.") from err
         model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", "variant", "use_safetensors") if k in kwargs}
         expected, _ = cls._get_signature_keys(cls)
         components = {}
@@ -461,9 +525,14 @@ class TutorialPipelineBase(DiffusionPipeline):
             if entry is None or entry[0] is None:
                 components[name] = None
                 continue
+            path = os.path.join(folder, name)
+            if not os.path.isdir(path):  # else diffusers would take the path for a Hub repo id and try to download it
+                raise ValueError(
+                    f"{name}: {MODEL_INDEX} names {entry} but {path} is not a folder; the pipeline folder is incomplete."
+                )
             component_cls = _find_class(entry[1], name, entry[0])
             load_kwargs = model_kwargs if issubclass(component_cls, ModelMixin) else {}
-            components[name] = component_cls.from_pretrained(os.path.join(folder, name), **load_kwargs)
+            components[name] = component_cls.from_pretrained(path, **load_kwargs)
         if kwargs:
             logger.warning(f"{cls.__name__}.from_pretrained ignores the arguments {sorted(kwargs)}.")
         pipe = cls(**components)
@@ -597,6 +666,97 @@ def _resolve_folder(pretrained_model_name_or_path, kwargs: Dict) -> str:
 
     options = {k: kwargs.pop(k) for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
     return huggingface_hub.snapshot_download(path, **options)
+
+
+def _saved_entries(folder: str) -> List[str]:
+    """The top-level entries an earlier save wrote into `folder`, read from its `model_index.json`.
+
+    `model_index.json`, `README.md`, `samples/`, the folder of every component it names, and the pipeline's code
+    file with the files it imports. Empty when there is no readable `model_index.json` (nothing is known to be ours).
+    """
+    try:
+        with open(os.path.join(folder, MODEL_INDEX), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(index, dict):
+        return []
+    entries = [MODEL_INDEX, MODEL_CARD, SAMPLES_DIR]
+    entries += [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
+    class_name = index.get("_class_name")
+    if isinstance(class_name, list) and class_name and isinstance(class_name[0], str):
+        code = os.path.join(folder, f"{class_name[0]}.py")
+        if _is_plain_name(class_name[0]) and os.path.isfile(code):
+            try:
+                entries += [os.path.basename(p) for p in _relative_import_closure(code)]
+            except (SyntaxError, ValueError, OSError):  # a damaged code file: only that file is known to be ours
+                entries.append(os.path.basename(code))
+    return [e for e in dict.fromkeys(entries) if _is_plain_name(e) and os.path.lexists(os.path.join(folder, e))]
+
+
+def _is_plain_name(name: str) -> bool:
+    """A name of an entry directly inside a folder (no separators, not `.` or `..`)."""
+    return name not in ("", ".", "..") and "/" not in name and os.sep not in name
+
+
+def _swap_in(staging: str, folder: str) -> None:
+    """Replace the earlier save in `folder` by the complete save in `staging` (a folder inside it).
+
+    1. Each entry of the new save except `model_index.json` replaces its namesake in one rename (`_replace`). The old
+       `model_index.json` stays in place meanwhile, so every new component folder first receives the old one's code
+       files that it lacks: whatever mix of old and new entries a kill leaves, every module it names exists.
+    2. `model_index.json` is renamed in: the commit. The folder is now the new save.
+    3. The old save's leftovers are removed: entries the new save does not have, and the code files of step 1.
+    """
+    new_entries = sorted(e for e in os.listdir(staging) if e != MODEL_INDEX)
+    stale = [e for e in _saved_entries(folder) if e not in new_entries and e != MODEL_INDEX]
+    borrowed = []  # old code files copied into new component folders, removed after the commit
+    for name in new_entries:
+        old, new = os.path.join(folder, name), os.path.join(staging, name)
+        if os.path.isdir(old) and os.path.isdir(new) and not os.path.islink(old):
+            for file in sorted(os.listdir(old)):
+                if file.endswith(".py") and not os.path.exists(os.path.join(new, file)):
+                    shutil.copyfile(os.path.join(old, file), os.path.join(new, file))
+                    borrowed.append(os.path.join(old, file))
+    trash = tempfile.mkdtemp(prefix="replaced-", dir=staging)  # removed with `staging`
+    for name in new_entries:
+        _replace(os.path.join(staging, name), os.path.join(folder, name), os.path.join(trash, name))
+    os.replace(os.path.join(staging, MODEL_INDEX), os.path.join(folder, MODEL_INDEX))  # the commit
+    for name in stale:
+        os.rename(os.path.join(folder, name), os.path.join(trash, name))
+    for path in borrowed:
+        os.remove(path)
+
+
+def _replace(new: str, target: str, aside: str) -> None:
+    """Put `new` at `target` in one rename; a replaced folder ends up at `new` or `aside` (to be deleted)."""
+    if not os.path.lexists(target) or (os.path.isfile(new) and not os.path.isdir(target)):
+        os.replace(new, target)  # a file over a file, or into a free name: atomic everywhere
+    elif not _exchange(new, target):  # a folder involved and no atomic swap here: two renames
+        os.rename(target, aside)
+        os.rename(new, target)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not Linux/glibc (macOS, Windows): no atomic exchange
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths `a` and `b` (files or folders) in one atomic step; False where the system cannot.
+
+    Linux' `renameat2(..., RENAME_EXCHANGE)` (glibc >= 2.28, most local filesystems).
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _upload_folder(folder: str, repo_id: str, token=None, private=None, commit_message=None, create_pr=False):

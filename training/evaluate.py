@@ -39,6 +39,10 @@ FEATURE_DIM = 64
 COVERAGE_SHARE = 0.25  # a class is covered when it gets ≥ 25 % of its fair share n / 10
 
 
+class EvaluationError(ValueError):
+    """A problem the user can fix (the folder, a flag); the CLI prints it on one line, without a traceback."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The digits classifier
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,7 +293,7 @@ def load_scheduler(kind: str, saved):
     if kind == "saved":
         return saved
     if kind not in classes:
-        raise ValueError(f"--scheduler={kind!r} is not supported; choose one of {SCHEDULER_CHOICES}.")
+        raise EvaluationError(f"--scheduler={kind!r} is not supported; choose one of {SCHEDULER_CHOICES}.")
     return classes[kind].from_config(saved.config)
 
 
@@ -319,19 +323,39 @@ def evaluate_folder(
 
     Returns:
         `dict`: the metrics plus `scheduler`, `num_inference_steps`, `seconds`.
+
+    Raises:
+        `EvaluationError`, before anything is sampled: a number out of range, a folder without `model_index.json`,
+        `unet/` or `scheduler/`, a damaged JSON file (named), or a UNet that is not 1-channel.
     """
     import time
 
-    from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+    from custom_pipelines import TutorialClassConditionalPipeline
 
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
-        raise ValueError(f"{folder!r} is not a pipeline folder (no model_index.json).")
-    with open(index_path) as f:
-        class_name = json.load(f)["_class_name"]
+    # 0. Validate at the door: the flags, then the folder, then the model, all before sampling.
+    for flag, value, low in (
+        ("--num_samples", num_samples, 2),
+        ("--num_inference_steps", num_inference_steps, 1),
+        ("--likelihood_samples", likelihood_samples, 0),
+    ):
+        if value < low:
+            raise EvaluationError(f"{flag}={value} must be >= {low}.")
+    index = _read_model_index(folder)
+    class_name = index.get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
     conditional = class_name == TutorialClassConditionalPipeline.__name__
-    pipe = (TutorialClassConditionalPipeline if conditional else TutorialUnconditionalPipeline).from_pretrained(folder)
+    if conditional and likelihood_samples:
+        raise EvaluationError(
+            f"--likelihood_samples={likelihood_samples}: likelihoods are computed for unconditional pipelines, and "
+            f"{folder!r} holds a {class_name}; pass --likelihood_samples 0."
+        )
+    pipe = _load_pipeline(folder, conditional)
+    channels = pipe.unet.config.in_channels
+    if channels != 1:
+        raise EvaluationError(
+            f"{folder!r}: the UNet has in_channels={channels}; the digits metrics compare samples with the 1-channel "
+            "(grayscale) digits, so they need a 1-channel model."
+        )
     sched = load_scheduler(scheduler, pipe.scheduler)
     labels = None
     if pipe.unet.config.num_class_embeds:
@@ -358,6 +382,40 @@ def evaluate_folder(
     if likelihood_samples:
         metrics.update(likelihood_metrics(pipe, likelihood_samples, elbo_steps, ode_tolerance, seed))
     return metrics
+
+
+def _read_model_index(folder: str) -> Dict:
+    """The folder's `model_index.json`, after checking that the folders `unet/` and `scheduler/` it needs exist."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise EvaluationError(f"{folder!r} is not a pipeline folder (no model_index.json).")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except ValueError as err:
+        raise EvaluationError(
+            f"{index_path} is not a valid JSON file ({err}); the pipeline folder is damaged."
+        ) from err
+    if not isinstance(index, dict):
+        raise EvaluationError(f"{index_path} holds a {type(index).__name__}, not the JSON object of a pipeline.")
+    for name in ("unet", "scheduler"):
+        if not os.path.isdir(os.path.join(folder, name)):
+            raise EvaluationError(
+                f"{folder!r} has no {name}/ folder; evaluate.py needs a pipeline folder written by save_pretrained "
+                "(model_index.json, unet/, scheduler/)."
+            )
+    return index
+
+
+def _load_pipeline(folder: str, conditional: bool):
+    """The saved pipeline (our class, no remote code); a damaged file is named in an `EvaluationError`."""
+    from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+
+    pipeline_cls = TutorialClassConditionalPipeline if conditional else TutorialUnconditionalPipeline
+    try:
+        return pipeline_cls.from_pretrained(folder)
+    except (OSError, ValueError) as err:  # diffusers names the file: "the config file at '...' is not a valid JSON"
+        raise EvaluationError(f"cannot load the pipeline in {folder!r}: {' '.join(str(err).split())}") from err
 
 
 def likelihood_metrics(pipe, num_images: int, vb_steps: int = 100, ode_tolerance: float = 1e-3, seed: int = 0) -> Dict:
@@ -421,8 +479,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--elbo_steps", type=int, default=100, help="Grid size of the variational bound.")
     p.add_argument("--ode_tolerance", type=float, default=1e-3, help="rtol = atol of the ODE likelihood solver.")
     args = p.parse_args(argv)
-    if args.num_samples < 2:
-        p.error(f"--num_samples={args.num_samples} must be >= 2.")
     try:
         metrics = evaluate_folder(
             args.folder,
@@ -436,8 +492,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             args.elbo_steps,
             args.ode_tolerance,
         )
-    except ValueError as err:
-        p.error(str(err))
+    except ValueError as err:  # EvaluationError, or a pipeline's check of an argument
+        print(f"evaluate.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from err
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:

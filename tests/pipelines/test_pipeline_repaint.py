@@ -100,6 +100,11 @@ def test_pil_and_numpy_masks(pipe, image_and_mask):
     [
         (dict(mask_image=torch.ones(4, 4)), r"mask_image has shape \(1, 1, 4, 4\) but image has shape \(2, 3, 8, 8\)"),
         (dict(mask_image=torch.full((8, 8), 0.5)), r"mask_image must be binary .* such as \[0.5\]"),
+        (
+            dict(mask_image=torch.ones(1, 1, 1, 8, 8)),
+            r"mask_image has 5 dimensions \(shape \(1, 1, 1, 8, 8\)\); allowed shapes: \(H, W\), \(1 or C, H, W\)",
+        ),
+        (dict(mask_image=torch.ones(8)), r"mask_image has 1 dimensions"),
         (dict(jump_length=0), "jump_length=0"),
         (dict(jump_n_sample=0), "jump_n_sample=0"),
         (dict(image=torch.rand(2, 3, 4, 4)), r"image has shape \(2, 3, 4, 4\)"),

@@ -161,6 +161,22 @@ def test_unknown_component_class_is_reported(folders, tmp_path):
         TutorialUnconditionalPipeline.from_pretrained(path)
 
 
+def test_incomplete_or_corrupt_folder_is_named(folders, tmp_path):
+    """A missing component folder or a damaged model_index.json is named, not taken for a Hub repo id to download."""
+    path = tmp_path / "copy"
+    shutil.copytree(folders["ours_ddim"], path)
+    shutil.rmtree(path / "unet")
+    with pytest.raises(
+        ValueError, match=r"unet: model_index.json names \['diffusers', 'UNet2DModel'\] but .*unet is not a"
+    ):
+        TutorialUnconditionalPipeline.from_pretrained(path)
+    (path / "model_index.json").write_text('{"_class_name": ["pipeline_tutorial_unconditional",')
+    with pytest.raises(
+        ValueError, match=r"copy.model_index.json is not valid JSON \(.*\); the pipeline folder is damaged"
+    ):
+        TutorialUnconditionalPipeline.from_pretrained(path)
+
+
 def test_torch_dtype_reaches_the_unet(folders):
     pipe = TutorialUnconditionalPipeline.from_pretrained(folders["ours_ddim"], torch_dtype=torch.float64)
     assert pipe.unet.dtype == torch.float64 and type(pipe.scheduler) is TutorialDDIMScheduler

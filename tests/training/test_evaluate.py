@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -124,3 +125,69 @@ def test_cli_reports_both_likelihoods_of_the_shipped_model_and_they_see_structur
         shuffled, num_steps=20, generator=torch.Generator().manual_seed(0)
     ).bits_per_dim
     assert float(shuffled_bpd.mean()) > float(real_bpd.mean()) + 0.5, (real_bpd, shuffled_bpd)
+
+
+# ---- user errors at the door (issue 11.10): one line, exit status 2, nothing sampled ------------------------------------
+def _save_tiny_pipeline(folder, **unet_overrides):
+    from custom_pipelines import TutorialUnconditionalPipeline
+
+    config = {**{k: v for k, v in TINY_UNET.items() if k != "_class_name"}, **unet_overrides}
+    TutorialUnconditionalPipeline(unet=UNet2DModel(**config), scheduler=TutorialDDIMScheduler()).save_pretrained(
+        folder
+    )
+
+
+@pytest.fixture
+def cli_error(monkeypatch, capsys):
+    """`run(argv) -> str`: the CLI's one error line for a user error, checked to come before any sampling."""
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the error was found")
+
+    monkeypatch.setattr(evaluate, "sample_sharded", no_sampling)
+
+    def run(argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if line.startswith("evaluate.py: error: ")]
+        return line
+
+    return run
+
+
+def test_cli_refuses_a_three_channel_model_before_sampling(tmp_path, cli_error):
+    _save_tiny_pipeline(tmp_path / "rgb", in_channels=3, out_channels=3)
+    line = cli_error([str(tmp_path / "rgb"), "--num_samples", "4", "--num_inference_steps", "1"])
+    assert "in_channels=3" in line and "1-channel" in line and str(tmp_path / "rgb") in line
+
+
+def test_cli_names_a_missing_unet_folder(tmp_path, cli_error):
+    _save_tiny_pipeline(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "unet")
+    line = cli_error([str(tmp_path / "pipe"), "--num_samples", "4"])
+    assert "unet/" in line and str(tmp_path / "pipe") in line and "connect" not in line
+
+
+@pytest.mark.parametrize("damaged", ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"])
+def test_cli_names_a_corrupt_json_file(tmp_path, cli_error, damaged):
+    _save_tiny_pipeline(tmp_path / "pipe")
+    (tmp_path / "pipe" / damaged).write_text('{"_class_name": "UNet2D')  # a write cut short
+    line = cli_error([str(tmp_path / "pipe"), "--num_samples", "4"])
+    assert str(tmp_path / "pipe" / damaged) in line and "not a valid JSON" in line
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--num_samples", "1"], "--num_samples=1 must be >= 2"),
+        (["--num_inference_steps", "0"], "--num_inference_steps=0 must be >= 1"),
+        (["--likelihood_samples", "-1"], "--likelihood_samples=-1 must be >= 0"),
+    ],
+)
+def test_cli_refuses_bad_flags_before_sampling(tmp_path, cli_error, flags, match):
+    _save_tiny_pipeline(tmp_path / "pipe")
+    assert match in cli_error([str(tmp_path / "pipe"), *flags])
