@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.data import DIGITS_NUM_CLASSES, load_digits_tensors
+from training.errors import TrainingError
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 CLASSIFIER_WEIGHTS = os.path.join(ASSETS, "digits_classifier.safetensors")
@@ -39,7 +40,7 @@ FEATURE_DIM = 64
 COVERAGE_SHARE = 0.25  # a class is covered when it gets ≥ 25 % of its fair share n / 10
 
 
-class EvaluationError(ValueError):
+class EvaluationError(TrainingError):
     """A problem the user can fix (the folder, a flag); the CLI prints it on one line, without a traceback."""
 
 

@@ -1,7 +1,7 @@
 """The output folder of a training run: what the script owns there, and how an old run is replaced without loss.
 
 The script owns only what it writes: checkpoints (and their temp folders, and branches set aside), the pipeline
-folder's entries (`model_index.json`, `unet/`, `scheduler/`, the pipeline code files, the model card `README.md`,
+folder's entries (and the staging folder of a pipeline save that was killed) (`model_index.json`, `unet/`, `scheduler/`, the pipeline code files, the model card `README.md`,
 `samples/`), `logs/` (the `--logging_dir` inside the folder), `grids/`, `metrics.json` and `losses.jsonl`. Any other
 file (a user's notes, data, scripts) is never moved or deleted.
 
@@ -34,7 +34,9 @@ OWNED_NAMES = (
     "losses.jsonl",
     "abandoned",
 )
-OWNED_PATTERN = re.compile(r"^(checkpoint-\d+|\.tmp-checkpoint-\d+|pipeline_tutorial_\w+\.py|tutorial_\w+\.py)$")
+OWNED_PATTERN = re.compile(
+    r"^(checkpoint-\d+|\.tmp-checkpoint-\d+|\.tmp-pipeline-save-[\w.-]+|pipeline_tutorial_\w+\.py|tutorial_\w+\.py)$"
+)
 
 
 def check_output_dir(output_dir: str) -> None:
