@@ -21,6 +21,7 @@ checkpoint of the run that is going on.
 """
 
 import json
+import logging
 import os
 import random
 import re
@@ -30,9 +31,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from training.errors import TrainingError
+from training.output_folder import LOSSES
+from training.settings import RUN_DEFINING_FLAGS, recorded_flags
+
+logger = logging.getLogger("train_unconditional")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -267,3 +273,137 @@ def read_checkpoint(
             f"checkpoint {path!r} is corrupt and cannot be loaded ({current}): {type(err).__name__}: {err}"
         ) from err
     return state, tensors, rng
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A training run's checkpoints: what is saved, what must match on resume, how the state is restored
+# ----------------------------------------------------------------------------------------------------------------
+def unet_config_of(model: UNet2DModel) -> Dict:
+    """The model's config as JSON data, without diffusers' bookkeeping keys (`_class_name`, versions)."""
+    return {k: v for k, v in json.loads(json.dumps(dict(model.config))).items() if not k.startswith("_")}
+
+
+def all_finite(tensors: List[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one host synchronisation)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def save_checkpoint(run, output_dir: str) -> str:
+    """Write `checkpoint-<update>` of `run` (every process calls this); refuses non-finite weights."""
+    accelerator, unet = run.accelerator, run.unwrapped
+    weights = list(unet.parameters()) + ([] if run.ema is None else run.ema.shadow_params)
+    if not all_finite(weights):
+        raise TrainingError(
+            f"the weights are not finite at update {run.state.global_step}: training diverged; nothing was saved. "
+            f"Lower --learning_rate (now {run.settings.learning_rate:g})."
+        )
+    optimizer_tensors, optimizer_meta = split_optimizer_state(run.optimizer.state_dict())
+    tensors = {MODEL_FILE: unet.state_dict(), OPTIMIZER_FILE: optimizer_tensors}
+    if run.ema is not None:
+        tensors[EMA_FILE] = run.ema.tensors()
+    scaler = getattr(accelerator, "scaler", None)
+    state = {
+        **run.state.state_dict(),
+        "num_processes": accelerator.num_processes,
+        "flags": recorded_flags(run.settings),
+        "unet_config": unet_config_of(unet),
+        "optimizer": optimizer_meta,
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "ema": None if run.ema is None else run.ema.state(),
+        "grad_scaler": None if scaler is None else scaler.state_dict(),
+    }
+    return write_checkpoint(
+        accelerator, output_dir, run.state.global_step, tensors, state, run.settings.checkpoints_total_limit
+    )
+
+
+def check_resume_flags(path: str, saved: Dict, settings, model: UNet2DModel) -> List[str]:
+    """Refuse a resume whose run-defining flags differ from the checkpoint's; returns the other changed flags."""
+    flags = saved.get("flags")
+    if flags is None or "unet_config" not in saved:
+        raise TrainingError(f"checkpoint {path!r} records no flags (written by an older version); it cannot resume.")
+    now = recorded_flags(settings)
+    refused = [
+        f"--{name}: {flags.get(name)!r} in the checkpoint, {now.get(name)!r} now"
+        for name in RUN_DEFINING_FLAGS
+        if flags.get(name) != now.get(name)
+    ]
+    config = unet_config_of(model)
+    differing = sorted(
+        k for k in set(config) | set(saved["unet_config"]) if config.get(k) != saved["unet_config"].get(k)
+    )
+    if differing:
+        refused.append(f"the UNet (--model_config_name_or_path) differs in {', '.join(differing)}")
+    if refused:
+        raise TrainingError(
+            f"cannot resume from {path!r}: these change the model, the objective or the data, and differ from the "
+            f"checkpoint: {'; '.join(refused)}. Resume with the checkpoint's values, or train a new run in another "
+            "--output_dir."
+        )
+    ignore = set(RUN_DEFINING_FLAGS) | {"output_dir"}
+    return [
+        f"--{name}: {flags.get(name)!r} -> {now[name]!r}"
+        for name in sorted(now)
+        if name not in ignore and name in flags and flags[name] != now[name]
+    ]
+
+
+def load_checkpoint(run, path: str, saved: Tuple[Dict, Dict, Optional[Dict]]) -> None:
+    """Restore `run` from a checkpoint read by `checkpoints.read_checkpoint`; values are copied into tensors that
+    stay on `accelerator.device`. The current flags' optimizer settings and learning-rate schedule are applied."""
+    state, tensors, rng = saved
+    settings = run.settings
+    try:
+        run.unwrapped.load_state_dict(tensors[MODEL_FILE])
+        run.optimizer.load_state_dict(join_optimizer_state(tensors[OPTIMIZER_FILE], state["optimizer"]))
+        run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if run.ema is not None:
+            run.ema.load(tensors[EMA_FILE], state["ema"])
+        scaler = getattr(run.accelerator, "scaler", None)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        run.state.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise TrainingError(
+            f"checkpoint {path!r} is corrupt and cannot be loaded: {type(err).__name__}: {err}"
+        ) from err
+    # The optimizer's hyperparameters and the LR schedule follow the current flags (unchanged flags: same values).
+    for group in run.optimizer.param_groups:
+        group.update(
+            betas=(settings.adam_beta1, settings.adam_beta2),
+            eps=settings.adam_epsilon,
+            weight_decay=settings.adam_weight_decay,
+            initial_lr=settings.learning_rate,
+        )
+    scheduler = run.lr_scheduler
+    scheduler.base_lrs = [settings.learning_rate for _ in run.optimizer.param_groups]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(run.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    if rng is not None:
+        set_rng_state(rng)
+    if state.get("num_processes") != run.accelerator.num_processes:
+        logger.warning(
+            "checkpoint %s was written by %s process(es), resuming with %s: the data order differs.",
+            path,
+            state.get("num_processes"),
+            run.accelerator.num_processes,
+        )
+
+
+def truncate_records(output_dir: str, step: int, aside: Optional[str]) -> None:
+    """Drop the loss rows and metrics after update `step` (a resume continues from there); keep them in `aside`."""
+    path = os.path.join(output_dir, LOSSES)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = [r for r in rows if json.loads(r)["step"] <= step]
+    if aside is not None and len(keep) < len(rows):
+        with open(os.path.join(aside, LOSSES), "w") as f:
+            f.writelines(r for r in rows if json.loads(r)["step"] > step)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

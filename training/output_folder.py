@@ -22,16 +22,20 @@ from typing import List
 from training.errors import TrainingError
 
 PREVIOUS_RUN = ".previous-run"
+METRICS = "metrics.json"
+LOSSES = "losses.jsonl"  # one row per update: {"step": ..., "loss": ...}
+GRIDS = "grids"  # sample grids over training; the pipeline's own `samples/` holds the final grid for the card
 OWNED_NAMES = (
     "model_index.json",
     "README.md",
     "unet",
     "scheduler",
     "samples",
-    "grids",
-    "metrics.json",
-    "metrics.json.tmp",
-    "losses.jsonl",
+    GRIDS,
+    METRICS,
+    METRICS + ".tmp",
+    LOSSES,
+    LOSSES + ".tmp",
     "abandoned",
 )
 OWNED_PATTERN = re.compile(

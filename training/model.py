@@ -1,0 +1,62 @@
+"""The UNet to train: the small default for the resolution, or a user's config, checked against the data."""
+
+import argparse
+from typing import Dict, Optional
+
+from diffusers import UNet2DModel
+
+from training.errors import TrainingError
+
+
+def default_unet_config(resolution: int, channels: int, num_class_embeds: Optional[int]) -> Dict:
+    """The small default UNet: two resolution levels (three from 32x32 up), ~0.65M parameters at 16x16."""
+    levels = 2 if resolution < 32 else 3
+    widths = (32, 64, 64)[:levels]
+    return dict(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=widths,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * levels,
+        up_block_types=("UpBlock2D",) * levels,
+        norm_num_groups=8,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def build_model(args: argparse.Namespace, channels: int) -> UNet2DModel:
+    """The UNet to train (the small default, or `--model_config_name_or_path`), checked against the data."""
+    # One extra class index, `num_class_embeds`, is the "no label" class of classifier-free guidance.
+    num_embeds = args.num_class_embeds + 1 if args.num_class_embeds else None
+    if args.model_config_name_or_path is None:
+        model = UNet2DModel(**default_unet_config(args.resolution, channels, num_embeds))
+    else:
+        try:
+            config = UNet2DModel.load_config(args.model_config_name_or_path)
+        except (OSError, ValueError) as err:
+            raise TrainingError(f"--model_config_name_or_path={args.model_config_name_or_path!r}: {err}") from err
+        model = UNet2DModel.from_config(config)
+        if model.config.in_channels != channels or model.config.sample_size != args.resolution:
+            raise TrainingError(
+                f"--model_config_name_or_path={args.model_config_name_or_path!r} has in_channels="
+                f"{model.config.in_channels}, sample_size={model.config.sample_size}; the data has {channels} "
+                f"channel(s) at --resolution={args.resolution}."
+            )
+        if num_embeds is not None and model.config.num_class_embeds != num_embeds:
+            model = UNet2DModel.from_config(config, num_class_embeds=num_embeds)
+    check_resolution(model, args.resolution)
+    return model
+
+
+def check_resolution(model: UNet2DModel, resolution: int) -> None:
+    """The UNet halves the image after every down block but the last: `--resolution` must divide by 2^(blocks-1)."""
+    halvings = len(model.config.down_block_types) - 1
+    factor = 2**halvings
+    if resolution % factor:
+        lower, upper = resolution // factor * factor, (resolution // factor + 1) * factor
+        choices = f"{lower} or {upper}" if lower > 0 else f"{upper} or another multiple of {factor}"
+        raise TrainingError(
+            f"--resolution={resolution} is not supported by this UNet: it halves the image {halvings} time(s), so "
+            f"the resolution must be a multiple of {factor}; use e.g. --resolution {choices}."
+        )

@@ -1,0 +1,354 @@
+"""The training script's flags: parsed, validated at the door, and resolved once into frozen `Settings`.
+
+Every flag of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keeps its name and meaning.
+`resolve_settings` turns the parsed flags into the one object the rest of the script reads: `auto` and the
+model-dependent defaults (`PRESETS`) resolved, frozen, so that a value is followed down the call graph and never
+written back.
+"""
+
+import argparse
+import math
+from typing import Dict, List, Optional
+
+from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
+from schedulers import tutorial_math as tm
+from training.precision import MIXED_PRECISIONS, resolve_mixed_precision, uses_cpu
+
+DESCRIPTION = "Train a UNet2DModel denoiser with accelerate, and leave behind a self-contained pipeline folder."
+
+
+SCHEDULERS = {"ddpm": TutorialDDPMScheduler, "ddim": TutorialDDIMScheduler}
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+# Defaults that depend on the model (`--learning_rate`, `--lr_warmup_steps`, `--ema_max_decay` left unset): the
+# built-in small UNet (~0.65 M parameters) learns the digits in minutes at a high rate; a user's real-size UNet
+# (e.g. diffusers' 113.7 M-parameter DDPM UNet) does not learn at that rate (measured: the loss stayed at 1.0) and
+# gets the defaults of diffusers' train_unconditional.py. The resolved values go to metrics.json and the card.
+PRESETS = {
+    "small-unet": {"learning_rate": 2e-3, "lr_warmup_steps": 50, "ema_max_decay": 0.999},
+    "diffusers": {"learning_rate": 1e-4, "lr_warmup_steps": 500, "ema_max_decay": 0.9999},
+}
+
+
+# Flags that define the model, the objective or the data stream: a resume with any of them changed is refused.
+# Every other flag (learning rate and its schedule, Adam's settings, steps, EMA decay, precision, logging) may
+# change on resume; the change is applied and logged.
+RUN_DEFINING_FLAGS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "resolution",
+    "center_crop",
+    "random_flip",
+    "num_channels",
+    "max_train_samples",
+    "image_column",
+    "label_column",
+    "prediction_type",
+    "ddpm_num_steps",
+    "ddpm_beta_schedule",
+    "rescale_betas_zero_snr",
+    "train_scheduler",
+    "num_class_embeds",
+    "cond_drop_prob",
+    "snr_gamma",
+    "noise_offset",
+    "seed",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "use_ema",
+)
+
+
+NOT_RECORDED = ("hub_token", "local_rank", "resume_from_checkpoint", "overwrite_output_dir")  # never written out
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=DESCRIPTION)
+    # ---- data (diffusers' names) ----
+    p.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="'digits' (the default: scikit-learn's bundled digits), a save_to_disk folder, or a "
+        "datasets name for load_dataset.",
+    )
+    p.add_argument("--dataset_config_name", type=str, default=None)
+    p.add_argument("--train_data_dir", type=str, default=None, help="A folder of image files (recursive).")
+    p.add_argument("--cache_dir", type=str, default=None, help="datasets' cache directory.")
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--center_crop", action="store_true", help="Center crop after resizing (default: random crop).")
+    p.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    # ---- data (additions) ----
+    p.add_argument(
+        "--num_channels",
+        type=int,
+        default=None,
+        choices=(1, 3),
+        help="1 (grayscale) or 3 (RGB); default 1 for the digits, 3 otherwise.",
+    )
+    p.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N training images.")
+    p.add_argument(
+        "--skip_broken_images",
+        action="store_true",
+        help="Skip unreadable image files (counted in the log) instead of stopping with an error.",
+    )
+    p.add_argument("--image_column", type=str, default=None)
+    p.add_argument("--label_column", type=str, default=None)
+    # ---- model and noise schedule ----
+    p.add_argument(
+        "--model_config_name_or_path",
+        type=str,
+        default=None,
+        help="A UNet2DModel config (folder or config.json); default: a small UNet for the resolution.",
+    )
+    p.add_argument("--prediction_type", type=str, default="epsilon", choices=tm.PREDICTION_TYPES)
+    p.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of training timesteps.")
+    p.add_argument("--ddpm_num_inference_steps", type=int, default=50, help="Sampling steps for validation.")
+    p.add_argument("--ddpm_beta_schedule", type=str, default="linear", choices=tm.BETA_SCHEDULES)
+    p.add_argument(
+        "--rescale_betas_zero_snr",
+        action="store_true",
+        help="Zero terminal SNR (Lin et al. 2023); needs --prediction_type v_prediction or sample.",
+    )
+    p.add_argument(
+        "--train_scheduler",
+        type=str,
+        default="ddpm",
+        choices=tuple(SCHEDULERS),
+        help="Our scheduler whose add_noise defines q(x_t | x_0) during training.",
+    )
+    p.add_argument(
+        "--validation_scheduler",
+        type=str,
+        default="ddim",
+        choices=tuple(SCHEDULERS),
+        help="Our scheduler used for validation samples and saved in the pipeline folder.",
+    )
+    p.add_argument(
+        "--num_class_embeds",
+        type=int,
+        default=None,
+        help="Train class-conditionally on this many classes (index num_class_embeds = no label).",
+    )
+    p.add_argument(
+        "--cond_drop_prob",
+        type=float,
+        default=0.1,
+        help="With --num_class_embeds: probability of replacing a label by the null class (for CFG).",
+    )
+    p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale of class-conditional samples.")
+    # ---- optimisation ----
+    p.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="Number of validation samples (all processes).")
+    p.add_argument("--num_epochs", type=int, default=40)
+    p.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_epochs."
+    )
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Peak learning rate; default 2e-3 with the built-in small UNet, 1e-4 (diffusers' default) with "
+        "--model_config_name_or_path.",
+    )
+    p.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
+    p.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=None,
+        help="Linear warm-up updates; default 50 with the built-in small UNet, 500 with --model_config_name_or_path.",
+    )
+    p.add_argument("--adam_beta1", type=float, default=0.95)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ loss weighting (5.0 is typical).")
+    p.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise: ε += offset · N(0, 1) per channel.")
+    p.add_argument("--seed", type=int, default=0)
+    # ---- EMA ----
+    p.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    p.add_argument("--ema_power", type=float, default=3 / 4)
+    p.add_argument(
+        "--ema_max_decay",
+        type=float,
+        default=None,
+        help="Largest EMA decay; default 0.999 with the built-in small UNet, 0.9999 with --model_config_name_or_path.",
+    )
+    # ---- precision, logging, outputs ----
+    p.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="auto",
+        choices=MIXED_PRECISIONS,
+        help="'auto' (the default): bf16 autocast where the hardware computes bf16 natively (a CPU with "
+        "AVX512-BF16 or AMX, a CUDA GPU with bf16), otherwise 'no' (float32). On CPU, attention stays in float32. "
+        "'fp16' (with accelerate's loss scaling) needs a CUDA GPU; 'bf16' on a GPU needs one that has bf16.",
+    )
+    p.add_argument("--logger", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the loss from the device, log it and check it is finite every N updates (and before every "
+        "checkpoint); every update's loss is still recorded.",
+    )
+    p.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher; ignored (accelerate knows).")
+    p.add_argument("--output_dir", type=str, default="outputs/digits-ddpm")
+    p.add_argument("--overwrite_output_dir", action="store_true")
+    p.add_argument("--save_images_epochs", type=int, default=10)
+    p.add_argument("--save_model_epochs", type=int, default=10)
+    p.add_argument(
+        "--eval_every_steps",
+        type=int,
+        default=None,
+        help="Sample and compute the digits metrics every N updates (and at the end).",
+    )
+    p.add_argument(
+        "--eval_num_samples", type=int, default=None, help="Samples for the digits metrics (default: eval_batch_size)."
+    )
+    # ---- checkpoints ----
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    # ---- the Hub ----
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_token", type=str, default=None)
+    p.add_argument("--hub_model_id", type=str, default=None)
+    p.add_argument("--hub_private_repo", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate at the door: every message names the flag, its value and what is allowed."""
+    positive = (
+        "resolution",
+        "train_batch_size",
+        "eval_batch_size",
+        "num_epochs",
+        "gradient_accumulation_steps",
+        "ddpm_num_steps",
+        "ddpm_num_inference_steps",
+        "save_images_epochs",
+        "save_model_epochs",
+        "checkpointing_steps",
+        "logging_steps",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)!r} must be >= 1.")
+    for name in (
+        "max_train_steps",
+        "eval_every_steps",
+        "checkpoints_total_limit",
+        "max_train_samples",
+        "num_class_embeds",
+        "eval_num_samples",
+    ):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)!r} must be >= 1 when given.")
+    if args.lr_warmup_steps is not None and args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps={args.lr_warmup_steps!r} must be >= 0.")
+    floats = {  # name: (low, high, low inclusive); every float flag must be finite
+        "learning_rate": (0.0, math.inf, False),
+        "adam_beta1": (0.0, 1.0, True),
+        "adam_beta2": (0.0, 1.0, True),
+        "adam_weight_decay": (0.0, math.inf, True),
+        "adam_epsilon": (0.0, math.inf, True),
+        "max_grad_norm": (0.0, math.inf, True),
+        "noise_offset": (0.0, math.inf, True),
+        "guidance_scale": (-math.inf, math.inf, True),
+        "ema_inv_gamma": (0.0, math.inf, False),
+        "ema_power": (0.0, math.inf, False),
+        "ema_max_decay": (0.0, 1.0, True),
+        "cond_drop_prob": (0.0, 1.0, True),
+        "snr_gamma": (0.0, math.inf, False),
+    }
+    for name, (low, high, low_inclusive) in floats.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        inside = (low <= value if low_inclusive else low < value) and value < high
+        if not math.isfinite(value) or not inside:
+            allowed = f"{'[' if low_inclusive else '('}{low:g}, {high:g})"
+            raise ValueError(f"--{name}={value!r} must be a finite number in {allowed}.")
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        raise ValueError(
+            f"--ddpm_num_inference_steps={args.ddpm_num_inference_steps} must be <= "
+            f"--ddpm_num_steps={args.ddpm_num_steps}."
+        )
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("pass only one of --dataset_name and --train_data_dir.")
+    try:  # the schedulers own the zero-SNR × ε check (and every other config check): ask them.
+        for kind in {args.train_scheduler, args.validation_scheduler}:
+            make_scheduler(args, kind)
+    except ValueError as err:
+        raise ValueError(
+            f"--prediction_type={args.prediction_type!r} with --rescale_betas_zero_snr: {err}"
+            if args.rescale_betas_zero_snr
+            else str(err)
+        ) from err
+
+
+def make_scheduler(args: argparse.Namespace, kind: str):
+    return SCHEDULERS[kind](
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+        timestep_spacing="trailing" if args.rescale_betas_zero_snr else "leading",
+    )
+
+
+class Settings(argparse.Namespace):
+    """The run's settings: the parsed flags with `auto` and unset defaults resolved. Frozen: nothing writes back."""
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Settings are frozen: {name!r} cannot be set after resolve_settings.")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"Settings are frozen: {name!r} cannot be deleted.")
+
+
+def uses_digits(args) -> bool:
+    return args.dataset_name in (None, "digits") and args.train_data_dir is None
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Resolve `--mixed_precision auto`, the model-dependent defaults (`PRESETS`) and the channel count, once."""
+    preset = "small-unet" if args.model_config_name_or_path is None else "diffusers"
+    resolved = {name: value for name, value in PRESETS[preset].items() if getattr(args, name) is None}
+    return Settings(
+        **{
+            **vars(args),
+            **resolved,
+            "preset": preset,
+            "mixed_precision": resolve_mixed_precision(args.mixed_precision, uses_cpu()),
+            "requested_mixed_precision": args.mixed_precision,
+            "num_channels": args.num_channels or (1 if uses_digits(args) else 3),
+        }
+    )
+
+
+def recorded_flags(settings: Settings) -> Dict:
+    """The resolved settings written into checkpoints, metrics and trackers (no token, no launcher details)."""
+    return {
+        k: v
+        for k, v in vars(settings).items()
+        if k not in NOT_RECORDED and (v is None or isinstance(v, (int, float, str, bool)))
+    }
