@@ -4,13 +4,15 @@
     python benchmarks/bench_defaults.py --quick    # the same path, tiny (the test suite runs it)
 
 `training/train_unconditional.py` picks its learning-rate defaults from the model: the built-in small UNet gets the
-digits preset (lr 2e-3, 50 warm-up updates), any `--model_config_name_or_path` gets diffusers' defaults (lr 1e-4,
-500 warm-up updates). Three runs train the same UNet on the same generated image folder (`bench_utils`):
+digits preset (lr 2e-3, 50 warm-up updates); a `--model_config_name_or_path` UNet whose widest block has W channels
+gets width-scaled defaults (lr 1e-4 x 512 / W, 500 x W / 512 warm-up updates: diffusers' own values for its default
+UNet, W = 512). Here W = 128: lr 4e-4, 125 warm-up updates. Three runs train the same UNet on the same generated
+image folder (`bench_utils`):
 
 - `ours`: our script with its defaults (only the data, the model config, the batch size and the steps given);
 - `ours-small-preset`: our script with the small UNet's preset forced (`--learning_rate 2e-3 --lr_warmup_steps 50`),
   the defaults every model got before, for comparison;
-- `diffusers`: diffusers' training loop with its defaults.
+- `diffusers`: diffusers' training loop with its defaults (lr 1e-4, 500 warm-up updates).
 
 It prints the loss (mean of the 10 updates ending there) at updates 50, 100, 200 and the last, the ratio ours /
 diffusers, and whether ours got below `--target` (0.1). Each run is a subprocess on BENCH_THREADS torch threads.

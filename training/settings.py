@@ -21,14 +21,30 @@ SCHEDULERS = {"ddpm": TutorialDDPMScheduler, "ddim": TutorialDDIMScheduler}
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-# Defaults that depend on the model (`--learning_rate`, `--lr_warmup_steps`, `--ema_max_decay` left unset): the
-# built-in small UNet (~0.65 M parameters) learns the digits in minutes at a high rate; a user's real-size UNet
-# (e.g. diffusers' 113.7 M-parameter DDPM UNet) does not learn at that rate (measured: the loss stayed at 1.0) and
-# gets the defaults of diffusers' train_unconditional.py. The resolved values go to metrics.json and the card.
+# Defaults that depend on the model (`--learning_rate`, `--lr_warmup_steps`, `--ema_max_decay` left unset). One rate
+# does not fit all: the digits preset (lr 2e-3) trains the built-in small UNet in minutes but left diffusers'
+# 113.7 M-parameter DDPM UNet at loss 1.0 on a GPU, while diffusers' defaults (lr 1e-4, 500 warm-up updates) take a
+# 3 M-parameter UNet only to 0.19 in 300 updates on a 32x32 folder (benchmarks/bench_defaults.py). So:
+# - the built-in small UNet keeps its measured preset;
+# - a user's UNet (`--model_config_name_or_path`) gets width-scaled defaults anchored at diffusers' default UNet
+#   (widest block W0 = 512 channels), where they are exactly diffusers' values: Adam's learning rate ∝ 1 / width
+#   (the μP rule for hidden layers, Yang et al. 2021, arXiv:2203.03466), the warm-up ∝ width.
 PRESETS = {
     "small-unet": {"learning_rate": 2e-3, "lr_warmup_steps": 50, "ema_max_decay": 0.999},
-    "diffusers": {"learning_rate": 1e-4, "lr_warmup_steps": 500, "ema_max_decay": 0.9999},
+    "width-scaled": {"learning_rate": 1e-4, "lr_warmup_steps": 500, "ema_max_decay": 0.9999},  # at W = W0
 }
+ANCHOR_WIDTH = 512  # widest block of diffusers' default DDPM UNet, where "width-scaled" equals diffusers' defaults
+MAX_SCALED_LEARNING_RATE = 2e-3  # never above the small UNet's measured rate
+
+
+def width_scaled_defaults(widest: int) -> Dict:
+    """The `width-scaled` defaults for a UNet whose widest block has `widest` channels (see `PRESETS`)."""
+    anchor = PRESETS["width-scaled"]
+    return {
+        "learning_rate": min(MAX_SCALED_LEARNING_RATE, anchor["learning_rate"] * ANCHOR_WIDTH / widest),
+        "lr_warmup_steps": max(10, round(anchor["lr_warmup_steps"] * widest / ANCHOR_WIDTH)),
+        "ema_max_decay": anchor["ema_max_decay"],
+    }
 
 
 # Flags that define the model, the objective or the data stream: a resume with any of them changed is refused.
@@ -152,15 +168,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--learning_rate",
         type=float,
         default=None,
-        help="Peak learning rate; default 2e-3 with the built-in small UNet, 1e-4 (diffusers' default) with "
-        "--model_config_name_or_path.",
+        help="Peak learning rate; default 2e-3 with the built-in small UNet; with --model_config_name_or_path "
+        "1e-4 x 512 / (widest block), which is diffusers' 1e-4 for its default UNet.",
     )
     p.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
     p.add_argument(
         "--lr_warmup_steps",
         type=int,
         default=None,
-        help="Linear warm-up updates; default 50 with the built-in small UNet, 500 with --model_config_name_or_path.",
+        help="Linear warm-up updates; default 50 with the built-in small UNet; with --model_config_name_or_path "
+        "500 x (widest block) / 512, which is diffusers' 500 for its default UNet.",
     )
     p.add_argument("--adam_beta1", type=float, default=0.95)
     p.add_argument("--adam_beta2", type=float, default=0.999)
@@ -331,8 +348,11 @@ def uses_digits(args) -> bool:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """Resolve `--mixed_precision auto`, the model-dependent defaults (`PRESETS`) and the channel count, once."""
-    preset = "small-unet" if args.model_config_name_or_path is None else "diffusers"
-    resolved = {name: value for name, value in PRESETS[preset].items() if getattr(args, name) is None}
+    if args.model_config_name_or_path is None:
+        preset, defaults = "small-unet", PRESETS["small-unet"]
+    else:
+        preset, defaults = "width-scaled", width_scaled_defaults(widest_block(args.model_config_name_or_path))
+    resolved = {name: value for name, value in defaults.items() if getattr(args, name) is None}
     return Settings(
         **{
             **vars(args),
@@ -343,6 +363,19 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             "num_channels": args.num_channels or (1 if uses_digits(args) else 3),
         }
     )
+
+
+def widest_block(model_config_name_or_path: str) -> int:
+    """The widest `block_out_channels` of a UNet2DModel config (folder or config.json)."""
+    from diffusers import UNet2DModel
+
+    from training.errors import TrainingError
+
+    try:
+        config = UNet2DModel.load_config(model_config_name_or_path)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"--model_config_name_or_path={model_config_name_or_path!r}: {err}") from err
+    return max(config.get("block_out_channels", (224, 448, 672, 896)))  # UNet2DModel's default when unset
 
 
 def recorded_flags(settings: Settings) -> Dict:

@@ -27,7 +27,7 @@ def test_gpu_check_runs_every_section_tiny_on_the_cpu(tmp_path):
     stdout = _run("gpu_check.py", "--device", "cpu", "--quick", "--output", str(out))
     report = json.loads(out.read_text())
     assert report["digits"]["resume_continued_exactly"] is True and report["digits"]["updates"] == 4
-    assert report["folder-ours"]["learning_rate"] == 1e-4  # a user's model gets diffusers' defaults
+    assert report["folder-ours"]["learning_rate"] == 1.6e-3  # width-scaled: 1e-4 x 512 / 32 for the narrow UNet
     assert report["folder-ours"]["parameters_m"] == report["folder-diffusers"]["parameters_m"]
     rows = [row for row in report["sampling"].values() if isinstance(row, dict)]
     assert len(rows) == 6 and all(row["finite"] for row in rows)

@@ -362,3 +362,24 @@ def test_a_loss_that_does_not_fall_warns_naming_the_learning_rate(tmp_path, tiny
     with caplog.at_level(logging.WARNING, logger="train_unconditional"):
         tu.main(tiny_args(tiny_config, tmp_path / "run", "--max_train_steps", 60, "--learning_rate", "1e-12"))
     assert "the loss has not fallen in 60 updates" in caplog.text and "--learning_rate (now 1e-12" in caplog.text
+
+
+def test_defaults_follow_the_model_and_equal_diffusers_on_its_default_unet(tmp_path):
+    from training.settings import width_scaled_defaults
+
+    assert width_scaled_defaults(512) == {"learning_rate": 1e-4, "lr_warmup_steps": 500, "ema_max_decay": 0.9999}
+    assert width_scaled_defaults(128) == {"learning_rate": 4e-4, "lr_warmup_steps": 125, "ema_max_decay": 0.9999}
+    assert width_scaled_defaults(16)["learning_rate"] == 2e-3  # capped at the small UNet's rate
+    small = tu.resolve_settings(tu.parse_args([]))
+    assert (small.preset, small.learning_rate, small.lr_warmup_steps, small.ema_max_decay) == (
+        "small-unet",
+        2e-3,
+        50,
+        0.999,
+    )
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({"sample_size": 64, "block_out_channels": [128, 128, 256, 256, 512, 512]}))
+    user = tu.resolve_settings(tu.parse_args(["--model_config_name_or_path", str(config)]))
+    assert (user.preset, user.learning_rate, user.lr_warmup_steps) == ("width-scaled", 1e-4, 500)
+    given = tu.resolve_settings(tu.parse_args(["--model_config_name_or_path", str(config), "--learning_rate", "3e-4"]))
+    assert given.learning_rate == 3e-4 and given.lr_warmup_steps == 500  # a value given always wins
