@@ -334,7 +334,7 @@ class TutorialPipelineBase(DiffusionPipeline):
             super().save_pretrained(
                 staging, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
             )
-            self._make_self_contained(staging)
+            self.save_code(staging)
             sample_files = _write_sample_images(sample_images, staging)
             card = self.model_card(
                 num_inference_steps, sample_files=sample_files, extra_text=model_card_text, repo_id=repo_id
@@ -348,8 +348,20 @@ class TutorialPipelineBase(DiffusionPipeline):
             return _upload_folder(save_directory, repo_id, **kwargs)
         return None
 
-    def _make_self_contained(self, save_directory: str) -> None:
-        """Copy our code into the folder and rewrite `model_index.json` with list-form entries."""
+    def save_code(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Write the code part of a self-contained folder: our code files and a list-form `model_index.json`.
+
+        The pipeline's source file and the files it imports relatively go to the folder root, a non-diffusers
+        component's source (with its sibling files) to `<component>/`; `model_index.json` is diffusers' (`save_config`)
+        with every entry in list form. Nothing else is written: weights, component configs and the model card are
+        `save_pretrained`'s, which calls this after diffusers has saved the components. `training/export_shipped.py`
+        calls it to regenerate the shipped folders' code without touching what training wrote.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder (created if missing).
+        """
+        save_directory = os.fspath(save_directory)
+        self.save_config(save_directory)
         with open(os.path.join(save_directory, MODEL_INDEX), encoding="utf-8") as f:
             index = json.load(f)
         # The pipeline: its file and the files it imports relatively, at the root.
