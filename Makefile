@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint notebooks benchmarks clean
+.PHONY: install test lint notebooks benchmarks shipped clean
 
 $(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(STAMP)
 # Re-execute every tutorial notebook at full size and refresh the committed .ipynb outputs.
 notebooks: $(STAMP)
 	$(PY) notebooks/run_notebooks.py --write
+
+# Regenerate the code inside the shipped pipeline folders (training/pretrained/*/) from the library; `make test`
+# checks it with --check. Weights, configs, model cards, metrics and samples are training outputs and stay as they are.
+shipped: $(STAMP)
+	$(PY) training/export_shipped.py
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/bench_schedulers.py
