@@ -21,7 +21,7 @@ The functions of that definition (`tm.half_log_snr_at`, `tm.timestep_at`, `tm.al
 `tm.check_custom_grid`) live in `tutorial_math.py`; this file holds the state the continuous samplers share.
 """
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -102,15 +102,15 @@ class TutorialContinuousScheduler:
     def _use_entries(self, timesteps: torch.Tensor, starts: List[int], num_inference_steps: int, device) -> None:
         """Record the loop's entries (`timesteps`, float64) and which of them may begin a loop (`starts`)."""
         # ---- mutable state shared by every continuous scheduler: the grid and the position on it ----------------
-        self.num_inference_steps: Optional[int] = num_inference_steps
+        self.num_inference_steps = num_inference_steps
         self.timesteps = timesteps if device is None else timesteps.to(device)
-        self._entry_t: List[float] = timesteps.tolist()
+        self._entry_t = timesteps.tolist()
         self._starts = starts
-        self._start_of: Dict[float, int] = {}
-        for j in reversed(starts):  # the first start entry with a given timestep wins
+        self._start_of = {}  # timestep -> the first entry with it that begins a step
+        for j in reversed(starts):
             self._start_of[self._entry_t[j]] = j
-        self._begin_index: Optional[int] = None
-        self._step_index: Optional[int] = None
+        self._begin_index = None
+        self._step_index = None
 
     @property
     def begin_index(self) -> Optional[int]:

@@ -128,12 +128,13 @@ class TutorialDiscreteScheduler:
         entry = self._grid_cache.get(key)
         if entry is None:
             if timesteps is None:
-                grid = tm.spaced_timesteps(n, T, self.config.timestep_spacing, self.config.steps_offset)
-                if int(grid[0]) >= T:
+                spacing, offset = self.config.timestep_spacing, self.config.steps_offset
+                if spacing == "leading" and 1 <= n <= T and (n - 1) * (T // n) + offset >= T:  # the grid's first t
                     raise ValueError(
-                        f"steps_offset={self.config.steps_offset} pushes the 'leading' grid past t = {T - 1} at "
+                        f"steps_offset={offset} pushes the 'leading' grid past t = {T - 1} at "
                         f"num_inference_steps={n}; lower steps_offset or num_inference_steps."
                     )
+                grid = tm.spaced_timesteps(n, T, spacing, offset)
                 entry = self._grid_entry(grid, n, custom=False)
             else:
                 grid = tm.validate_custom_timesteps(timesteps, T)
@@ -145,12 +146,12 @@ class TutorialDiscreteScheduler:
         # ---- the one block of mutable state ----------------------------------------------------------------------
         grid = entry["timesteps"]
         self.timesteps = grid if device is None else grid.to(device)
-        self.num_inference_steps: Optional[int] = entry["num_inference_steps"]
-        self.custom_timesteps: bool = entry["custom_timesteps"]
+        self.num_inference_steps = entry["num_inference_steps"]  # None for the fresh grid, as in diffusers
+        self.custom_timesteps = entry["custom_timesteps"]
         self._grid = entry
-        self._state: Optional[dict] = entry["state"]
-        self._begin_index: Optional[int] = None
-        self._step_index: Optional[int] = None
+        self._state = entry["state"]  # None until the first step on this grid tabulates it
+        self._begin_index = None
+        self._step_index = None
 
     def _grid_state(self) -> dict:
         """The successor of every grid timestep and the per-step coefficient tables, built once per grid."""
@@ -202,7 +203,12 @@ class TutorialDiscreteScheduler:
         On the grid: the grid's own successor t' and the cached tables. Off the grid: diffusers' t' = t - T//N (x_0
         when negative) and a one-row table computed for it.
         """
-        t = timestep if type(timestep) is int else self._as_timestep(timestep)
+        if type(timestep) is int:
+            t = timestep
+        elif torch.is_tensor(timestep) and not timestep.is_floating_point() and timestep.numel() == 1:
+            t = int(timestep)  # an entry of self.timesteps: the common case, checked by the lookup below
+        else:
+            t = self._as_timestep(timestep)
         state = self._state or self._grid_state()
         i = state["index_of"].get(t)
         if i is not None:

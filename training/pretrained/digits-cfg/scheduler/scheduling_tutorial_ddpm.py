@@ -4,6 +4,7 @@ Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239 
 grids and variance choices of Nichol & Dhariwal, arXiv:2102.09672.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -158,7 +159,7 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         x0 = self._keep_in_range(x0)
 
         # 2. Posterior mean μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. (7)).
-        prev_sample = tables["coef_x0"][i] * x0 + tables["coef_xt"][i] * sample
+        prev_sample = (sample * tables["coef_xt"][i]).add_(x0, alpha=tables["coef_x0"][i])
 
         # 3. Add σ_t z for t > 0 (Algorithm 2: z = 0 only at t = 0).
         if t > 0:
@@ -167,10 +168,9 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             )
             log_variance = self._log_variance(tables, i, predicted_variance)
             if torch.is_tensor(log_variance):
-                std = torch.exp(0.5 * log_variance)
+                prev_sample = prev_sample + torch.exp(0.5 * log_variance) * noise
             else:
-                std = float(np.exp(0.5 * log_variance))
-            prev_sample = prev_sample + std * noise
+                prev_sample.add_(noise, alpha=math.exp(0.5 * log_variance))
 
         self._step_index = next_index
         if not return_dict:

@@ -130,7 +130,7 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
 
         # 3. x_{t'} = √ᾱ_{t'} x̂_0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ z (DDIM eq. (12)).
         direction = math.sqrt(max(1.0 - alpha_bar_prev - sigma_eta**2, 0.0))
-        prev_sample = math.sqrt(alpha_bar_prev) * x0 + direction * eps
+        prev_sample = (eps * direction).add_(x0, alpha=math.sqrt(alpha_bar_prev))
         if eta > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(
@@ -140,7 +140,7 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
                 raise ValueError(
                     f"variance_noise has shape {tuple(variance_noise.shape)}; expected {tuple(sample.shape)}."
                 )
-            prev_sample = prev_sample + sigma_eta * variance_noise
+            prev_sample.add_(variance_noise, alpha=sigma_eta)
 
         self._step_index = next_index
         if not return_dict:

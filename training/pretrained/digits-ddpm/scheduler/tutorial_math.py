@@ -294,6 +294,8 @@ def _sqrt_pair(alpha_bar, x: torch.Tensor):
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x̂_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t (DDPM eq. (15); DDIM eq. (9))."""
     a, s = _sqrt_pair(alpha_bar, x_t)
+    if isinstance(a, float):  # a sampler's step: x_t - s ε in one kernel, then ÷ a in place
+        return torch.sub(x_t, eps, alpha=s).div_(a)
     return (x_t - s * eps) / a
 
 
@@ -369,12 +371,12 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor
 
 # ----------------------------------------------------------------------------------------------------------------
 # Keeping x̂_0 in the data range. Neither may turn a NaN or ±inf into a plausible pixel: clamping +inf to the bound
-# would hide a broken model output (all-black images, no error), so both add x̂_0 - x̂_0, which is exactly 0 where
-# x̂_0 is finite and NaN where it is not (one cheap elementwise pass, no host synchronisation).
+# would hide a broken model output (all-black images, no error), so both add 0 · x̂_0, which is exactly 0 where x̂_0
+# is finite and NaN where it is not (one fused elementwise kernel, no host synchronisation).
 # ----------------------------------------------------------------------------------------------------------------
 def clip_x0(x0: torch.Tensor, bound: float) -> torch.Tensor:
     """Clip x̂_0 to [-bound, bound] (DDPM's sampler code); NaN and ±inf entries stay non-finite (as NaN)."""
-    return x0.clamp(-bound, bound).add_(x0 - x0)
+    return x0.clamp(-bound, bound).add_(x0, alpha=0)
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
@@ -389,7 +391,7 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float =
     if dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # quantile is not implemented for half precision
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
-    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype).add_(x0 - x0)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype).add_(x0, alpha=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,20 +409,19 @@ def spaced_timesteps(
     T, N = num_train_timesteps, num_inference_steps
     if not isinstance(N, int) or isinstance(N, bool) or not 1 <= N <= T:
         raise ValueError(f"num_inference_steps={N!r} must be an integer in [1, num_train_timesteps={T}].")
-    k = np.arange(N, dtype=np.float64)
     if timestep_spacing == "leading":
         grid = np.arange((N - 1) * (T // N) + steps_offset, steps_offset - 1, -(T // N), dtype=np.int64)
     elif timestep_spacing == "trailing":
-        # T + k·δ with δ = (T - T/N) - T, the float arithmetic of numpy.arange(T, 0, -T/N), so that exact .5 ties
-        # round as in diffusers. Unlike that arange, the grid always has exactly N points (diffusers: N + 1, ending
-        # at t = -1, for N in e.g. {61, 103, 121}).
-        delta = (T - T / N) - T
-        grid = np.round(T + k * delta).astype(np.int64) - 1
-    else:
-        step = (T - 1) / (N - 1) if N > 1 else 0.0
-        k *= step
-        k[-1] = T - 1.0 if N > 1 else 0.0
-        grid = np.round(k).astype(np.int64)[::-1].copy()
+        # numpy.arange(T, 0, -T/N) as in diffusers, so that exact .5 ties round the same way, but only its first N
+        # points: for some N (61, 103, 121, ...) the arange has N + 1, the last one rounding to t = -1.
+        grid = np.rint(np.arange(T, 0, -T / N)[:N]).astype(np.int64)
+        grid -= 1
+    else:  # linspace: k (T-1)/(N-1), the last point exactly T-1 (numpy.linspace's arithmetic), rounded half to even
+        k = np.arange(N, dtype=np.float64)
+        if N > 1:
+            k *= (T - 1) / (N - 1)
+            k[-1] = T - 1.0
+        grid = np.rint(k[::-1]).astype(np.int64)
     return torch.from_numpy(grid)
 
 
