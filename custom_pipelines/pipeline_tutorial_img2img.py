@@ -11,6 +11,7 @@ This file is shipped inside saved pipeline folders: it imports only torch, diffu
 `tutorial_pipeline_utils.py`.
 """
 
+import numbers
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -41,7 +42,7 @@ class TutorialImg2ImgPipeline(TutorialPipelineBase):
 
     @staticmethod
     def check_strength(strength: float, num_inference_steps: int) -> None:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
             raise ValueError(f"strength={strength!r} must be a number in (0, 1] (1: start from the noisiest level).")
         if int(num_inference_steps * strength) < 1:
             raise ValueError(
