@@ -1,6 +1,6 @@
 """Time `step()` and `set_timesteps()` of our schedulers against diffusers 0.42.1's, side by side in one run.
 
-    python benchmarks/bench_schedulers.py [--repeats 7]
+    python benchmarks/bench_schedulers.py [--repeats 7] [--threads 1]
 
 Per case: a full N-step sampling loop with a trivial model (the step is all that is timed beyond one tanh), batch 1
 and 64 of 3x32x32. Timings interleave ours and theirs and report the median of `--repeats` rounds; ratio = ours /
@@ -80,7 +80,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads"

@@ -4,6 +4,7 @@ import schedulers  # noqa: F401  (our scheduler classes must be imported for `fr
 
 from .pipeline_tutorial_class_conditional import TutorialClassConditionalPipeline
 from .pipeline_tutorial_ddim_inversion import TutorialDDIMInversionPipeline, TutorialInversionOutput, slerp
+from .pipeline_tutorial_img2img import TutorialImg2ImgPipeline
 from .pipeline_tutorial_repaint import TutorialRePaintPipeline
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
 from .tutorial_pipeline_utils import OUTPUT_TYPES, TutorialPipelineBase, TutorialPipelineOutput
@@ -12,6 +13,7 @@ __all__ = [
     "OUTPUT_TYPES",
     "TutorialClassConditionalPipeline",
     "TutorialDDIMInversionPipeline",
+    "TutorialImg2ImgPipeline",
     "TutorialInversionOutput",
     "TutorialPipelineBase",
     "TutorialPipelineOutput",

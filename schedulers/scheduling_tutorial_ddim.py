@@ -99,7 +99,8 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
 
         Args:
             model_output (`torch.Tensor`): the network's output at (x_t, t).
-            timestep (`int`): t, a timestep of the grid built by `set_timesteps`.
+            timestep (`int`): t, an integer timestep: on the grid it steps to the grid's next timestep, off it to
+                t - T//N (diffusers' rule; see the module docstring of `tutorial_discrete_base`).
             sample (`torch.Tensor`): x_t.
             eta (`float`, defaults to 0.0): η ≥ 0; σ_t = η √β̃_t (eq. (16)). 0 is deterministic DDIM, 1 is DDPM.
             use_clipped_model_output (`bool`, defaults to `False`): re-derive ε̂ from the clipped x̂_0 (GLIDE).
@@ -110,13 +111,13 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         Returns:
             `TutorialSchedulerOutput` or `(prev_sample, pred_original_sample)`.
         """
-        i = self._step_index(timestep)
+        tables, i, _, _, next_index = self._locate(timestep)
         self._check_shapes(model_output, sample)
         if not eta >= 0:
             raise ValueError(f"eta={eta!r} must be >= 0 (0: deterministic DDIM, 1: DDPM's posterior variance).")
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass at most one of generator and variance_noise to step().")
-        alpha_bar, alpha_bar_prev = self._tables["alpha_bar"][i], self._tables["alpha_bar_prev"][i]
+        alpha_bar, alpha_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
 
         # 1. x̂_0 and ε̂ from the network's output (DDIM eq. (9) and its v/x_0 analogues), then clip.
         x0, eps = tm.model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)
@@ -125,11 +126,11 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             eps = tm.x0_to_eps(sample, x0, alpha_bar)
 
         # 2. σ_t(η) = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'}) (DDIM eq. (16)).
-        sigma_eta = eta * math.sqrt(self._tables["posterior_variance"][i])
+        sigma_eta = eta * math.sqrt(tables["posterior_variance"][i])
 
         # 3. x_{t'} = √ᾱ_{t'} x̂_0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ z (DDIM eq. (12)).
         direction = math.sqrt(max(1.0 - alpha_bar_prev - sigma_eta**2, 0.0))
-        prev_sample = math.sqrt(alpha_bar_prev) * x0 + direction * eps
+        prev_sample = (eps * direction).add_(x0, alpha=math.sqrt(alpha_bar_prev))
         if eta > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(
@@ -139,8 +140,9 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
                 raise ValueError(
                     f"variance_noise has shape {tuple(variance_noise.shape)}; expected {tuple(sample.shape)}."
                 )
-            prev_sample = prev_sample + sigma_eta * variance_noise
+            prev_sample.add_(variance_noise, alpha=sigma_eta)
 
+        self._step_index = next_index
         if not return_dict:
             return prev_sample, x0
         return TutorialSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -168,9 +170,9 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         Returns:
             `TutorialSchedulerOutput` with `prev_sample` = x_t (the noisier sample) and `pred_original_sample` = x̂_0.
         """
-        i = self._step_index(timestep)
+        tables, i, _, _, _ = self._locate(timestep)
         self._check_shapes(model_output, sample)
-        alpha_bar, alpha_bar_prev = self._tables["alpha_bar"][i], self._tables["alpha_bar_prev"][i]
+        alpha_bar, alpha_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
         # ε̂ read at the model's own time t, then x̂_0 from the current level t' so the map is eq. (12) run backwards.
         eps = tm.model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)[1]
         x0 = tm.eps_to_x0(sample, eps, alpha_bar_prev)

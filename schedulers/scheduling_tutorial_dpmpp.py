@@ -89,7 +89,6 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         if not rho > 0:
             raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
-        self._history: List[Tuple[float, torch.Tensor]] = []
 
     def set_timesteps(
         self,
@@ -105,16 +104,14 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
         """
         grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
-        # ---- the one block of mutable state ----------------------------------------------------------------------
-        self.num_inference_steps = int(grid.numel())
-        self.timesteps = grid.to(device) if device is not None else grid
-        self._lam = lam.tolist()
         alpha_bar = torch.sigmoid(2 * lam)
+        # ---- the one block of mutable state ----------------------------------------------------------------------
+        self._use_entries(grid, list(range(grid.numel())), int(grid.numel()), device)  # every grid point may start
+        self._lam = lam.tolist()
         self._alpha = alpha_bar.sqrt().tolist()
         self._sigma = (1 - alpha_bar).sqrt().tolist()
         self._alpha_bar = alpha_bar.tolist()
-        self._history = []
-        self._walk_index = 0
+        self._history: List[Tuple[float, torch.Tensor]] = []
 
     def _derivatives(self, lam_s: float, order: int):
         """x̂_0' and x̂_0'' at λ_s from divided differences of the last `order` data predictions (Newton form)."""
@@ -142,19 +139,20 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
 
         Args:
             model_output (`torch.Tensor`): the network's output at (x_{t_i}, t_i).
-            timestep (`float`): t_i, the next entry of `self.timesteps`.
+            timestep (`float`): t_i, the next entry of `self.timesteps` (or the entry a loop starts at: 0, the one
+                `set_begin_index` names, or any grid point; the history then starts empty).
             sample (`torch.Tensor`): x_{t_i}.
             return_dict (`bool`, defaults to `True`): return a `TutorialSchedulerOutput` rather than a tuple.
 
         Returns:
             `TutorialSchedulerOutput` or `(prev_sample, pred_original_sample)`.
         """
-        i = self._next_walk_index(timestep)
-        if i == 0:
+        i, starts = self._walk(timestep)
+        if starts:
             self._history = []
         # 1. The data prediction x̂_0 at λ_i (DPM-Solver++ Sec. 4).
         x0, _ = self._x0_eps(model_output, sample, self._alpha_bar[i])
-        if i == self.num_inference_steps - 1:  # t = 0: return Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
+        if i == len(self._lam) - 1:  # t = 0: return Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
             return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
         self._history = (self._history + [(self._lam[i], x0)])[-self.config.solver_order :]
 

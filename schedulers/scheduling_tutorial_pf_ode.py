@@ -90,8 +90,7 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
         if not rho > 0:
             raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
-        self.order = len(_TABLEAUS[solver][0])
-        self._slopes: List[torch.Tensor] = []
+        self.order = len(_TABLEAUS[solver][0])  # entries of `timesteps` per step, as diffusers' pipelines read it
 
     def set_timesteps(
         self,
@@ -107,36 +106,27 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
             timesteps (`list[float]`, *optional*): a custom grid, strictly descending from T-1 to 0.
         """
         grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
-        nodes, _, _ = _TABLEAUS[self.config.solver]
+        nodes = torch.tensor(_TABLEAUS[self.config.solver][0], dtype=torch.float64)
         sigma_bar = torch.exp(-lam)  # σ̄ = e^{-λ}, the natural variable
-        entries: List[Tuple[int, int]] = []  # (step i, stage s); s = -1 is the final denoising at t = 0
-        t_list, lam_list = [], []
-        for i in range(grid.numel() - 1):
-            for s, c in enumerate(nodes):
-                if c == 0.0:
-                    t_s, lam_s = float(grid[i]), float(lam[i])
-                elif c == 1.0:
-                    t_s, lam_s = float(grid[i + 1]), float(lam[i + 1])
-                else:
-                    lam_s = -math.log(float(sigma_bar[i] + c * (sigma_bar[i + 1] - sigma_bar[i])))
-                    t_s = float(tm.timestep_at(torch.tensor(lam_s, dtype=torch.float64), self.half_log_snr))
-                    lam_s = float(tm.half_log_snr_at(t_s, self.half_log_snr))  # exactly what the model is fed
-                entries.append((i, s))
-                t_list.append(t_s)
-                lam_list.append(lam_s)
-        entries.append((grid.numel() - 1, -1))
-        t_list.append(0.0)
-        lam_list.append(float(lam[-1]))
+        # Stage s of step i sits at σ̄_i + c_s (σ̄_{i+1} - σ̄_i); the model is fed the timestep of that λ, and the
+        # λ used is exactly the one that timestep has (the round trip t(λ) -> λ(t)). Nodes 0 and 1 are grid points.
+        lam_stage = -torch.log(sigma_bar[:-1, None] + nodes * (sigma_bar[1:, None] - sigma_bar[:-1, None]))
+        t_stage = tm.timestep_at(lam_stage, self.half_log_snr)
+        lam_stage = tm.half_log_snr_at(t_stage, self.half_log_snr)
+        for c, column in ((0.0, slice(None, -1)), (1.0, slice(1, None))):
+            t_stage[:, nodes == c] = grid[column, None]
+            lam_stage[:, nodes == c] = lam[column, None]
+        # Entry j of the loop is stage j % S of step j // S; the last entry is the final denoising at t = 0.
+        entry_t = torch.cat([t_stage.flatten(), grid.new_zeros(1)])
+        entry_lam = torch.cat([lam_stage.flatten(), lam[-1:]])
+        stages = nodes.numel()
         # ---- the one block of mutable state ----------------------------------------------------------------------
-        self.num_inference_steps = int(grid.numel())
-        self.timesteps = torch.tensor(t_list, dtype=torch.float64, device=device)
-        self._entries = entries
-        self._entry_alpha_bar = torch.sigmoid(2 * torch.tensor(lam_list, dtype=torch.float64)).tolist()
+        self._use_entries(entry_t, list(range(0, entry_t.numel(), stages)), int(grid.numel()), device)
+        self._entry_alpha_bar = torch.sigmoid(2 * entry_lam).tolist()
         self._grid_sigma_bar = sigma_bar.tolist()
         self._grid_alpha = torch.sigmoid(2 * lam).sqrt().tolist()
-        self._slopes = []
+        self._slopes: List[torch.Tensor] = []
         self._xbar_start: Optional[torch.Tensor] = None
-        self._walk_index = 0
 
     def step(
         self,
@@ -156,10 +146,10 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
         Returns:
             `TutorialSchedulerOutput` or `(prev_sample, pred_original_sample)`.
         """
-        j = self._next_walk_index(timestep)
-        i, s = self._entries[j]
+        j, _ = self._walk(timestep)
+        i, s = divmod(j, self.order)
         x0, eps = self._x0_eps(model_output, sample, self._entry_alpha_bar[j])
-        if s == -1:  # t = 0: Tweedie's x̂_0
+        if j == len(self._entry_alpha_bar) - 1:  # t = 0: Tweedie's x̂_0
             return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
         nodes, a, b = _TABLEAUS[self.config.solver]
         if s == 0:

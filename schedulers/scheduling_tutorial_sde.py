@@ -119,6 +119,9 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         self._init_continuous_schedule()
         _, sigma, _, _ = sde_marginal(sde_type, self.half_log_snr[-1:])
         self.init_noise_sigma = float(sigma[0])  # std of x_{T-1}: ~1 for VP / sub-VP, σ_max for VE
+        # Entries of `timesteps` per grid point (correctors, then the predictor): what diffusers' pipelines read as
+        # `order` when they start part-way, `timesteps[t_start * order:]`.
+        self.order = 1 + (n_corrector_steps if corrector == "langevin" else 0)
 
     def set_timesteps(
         self,
@@ -136,38 +139,53 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
         alpha, sigma, tau, g2 = sde_marginal(self.config.sde_type, lam)
         alpha_bar_vp = torch.sigmoid(2 * lam)
-        n_corr = self.config.n_corrector_steps if self.config.corrector == "langevin" else 0
-        roles: List[Tuple[int, str]] = []
-        for i in range(grid.numel() - 1):
-            roles += [(i, "corrector")] * n_corr + [(i, "predictor")]
-        roles.append((grid.numel() - 1, "denoise"))
         # Song's corrector step size uses α_i = 1 - β_i of the discrete VP chain (Alg. 5); 1 for VE (Alg. 4).
         if self.config.sde_type == "ve":
             langevin_alpha = torch.ones_like(lam)
         else:
             langevin_alpha = (alpha_bar_vp / self.alpha_bar_at((grid - 1).clamp(min=0))).clamp(max=1.0)
             langevin_alpha[-1] = float(self.alpha_bar[0])
+        # Entry j: grid point j // order, a corrector while j % order < order - 1, else the predictor; the last entry
+        # (t = 0) returns x̂_0.
+        entries = torch.cat([grid[:-1].repeat_interleave(self.order), grid[-1:]])
         # ---- the one block of mutable state ----------------------------------------------------------------------
-        self.num_inference_steps = int(grid.numel())
-        self.timesteps = torch.tensor([float(grid[i]) for i, _ in roles], dtype=torch.float64, device=device)
-        self._roles = roles
+        self._use_entries(entries, list(range(0, entries.numel(), self.order)), int(grid.numel()), device)
         self._alpha_bar_vp = alpha_bar_vp.tolist()
         self._scale = (alpha / alpha_bar_vp.sqrt()).tolist()  # c: x_VP = x / c
         self._sigma = sigma.tolist()
         self._tau = tau.tolist()
         self._g2 = g2.tolist()
         self._langevin_alpha = langevin_alpha.tolist()
-        self._grid_index = {float(t): i for i, t in enumerate(grid.tolist())}
-        self._walk_index = 0
+        self._grid_index = dict(zip(grid.tolist(), range(grid.numel())))
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor, None] = None):
         """x / c: the VP state with the same λ, what the DDPM-trained network expects (identity for VP)."""
-        if timestep is None or self._walk_index is None:
+        if timestep is None or self.config.sde_type == "vp":
             return sample
+        self._ensure_grid()
         i = self._grid_index.get(float(timestep))
         if i is None:
             raise ValueError(f"timestep={float(timestep)} is not on the grid set by set_timesteps.")
         return sample / self._scale[i]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """Sample from this SDE's marginal at t: α(λ(t)) x_0 + σ(λ(t)) ε (the perturbation kernel of the SDE).
+
+        The state this scheduler steps is in the SDE's own scale (VE: x_0 + σ ε), so img2img and inpainting noise an
+        image with this, not with the VP q(x_t | x_0) (which it equals for `sde_type="vp"`).
+
+        Args:
+            original_samples (`torch.Tensor`): x_0, shape (B, ...).
+            noise (`torch.Tensor`): ε ~ N(0, I), same shape.
+            timesteps (`torch.Tensor`): t per sample, shape (B,), or a scalar, in [0, T-1] (fractional allowed).
+
+        Returns:
+            `torch.Tensor`: x_t in the SDE's scale.
+        """
+        lam = tm.half_log_snr_at(torch.as_tensor(timesteps).cpu(), self.half_log_snr)
+        alpha, sigma, _, _ = sde_marginal(self.config.sde_type, lam)
+        x = original_samples
+        return tm.expand_to(alpha.to(x.device), x) * x + tm.expand_to(sigma.to(x.device), x) * noise
 
     def step(
         self,
@@ -181,7 +199,7 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
 
         Args:
             model_output (`torch.Tensor`): the network's output at (`scale_model_input(sample, t)`, t).
-            timestep (`float`): the next entry of `self.timesteps`.
+            timestep (`float`): the next entry of `self.timesteps` (or the first entry of a grid point to start at).
             sample (`torch.Tensor`): x in the SDE's own scale.
             generator (`torch.Generator`, *optional*): source of the Gaussian noise z.
             return_dict (`bool`, defaults to `True`): return a `TutorialSchedulerOutput` rather than a tuple.
@@ -189,8 +207,9 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         Returns:
             `TutorialSchedulerOutput` (`prev_sample` is the new x; `pred_original_sample` is x̂_0) or a tuple.
         """
-        j = self._next_walk_index(timestep)
-        i, role = self._roles[j]
+        j, _ = self._walk(timestep)
+        i, r = divmod(j, self.order)
+        role = "denoise" if j == len(self._entry_t) - 1 else ("corrector" if r < self.order - 1 else "predictor")
         c = self._scale[i]
         x0, eps = self._x0_eps(model_output, sample / c, self._alpha_bar_vp[i])
         if role == "denoise":

@@ -21,7 +21,7 @@ The functions of that definition (`tm.half_log_snr_at`, `tm.timestep_at`, `tm.al
 `tm.check_custom_grid`) live in `tutorial_math.py`; this file holds the state the continuous samplers share.
 """
 
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -35,8 +35,10 @@ class TutorialContinuousScheduler:
     """Mixin: the ᾱ/λ tables, a walk over `self.timesteps` (which may repeat a timestep), and diffusers' helpers.
 
     Subclasses derive from `SchedulerMixin` and `ConfigMixin`, call `_init_continuous_schedule` in their
-    `@register_to_config` `__init__`, and fill `self.timesteps` in `set_timesteps`. A sampling loop calls `step`
-    once per entry of `self.timesteps`, in order; `self._walk_index` says which entry comes next.
+    `@register_to_config` `__init__`, and in `set_timesteps` call `_use_entries` with the loop's entries. A sampling
+    loop calls `step` once per entry of `self.timesteps`, in order, from a step's first entry (entry 0, the entry
+    `set_begin_index` names, or the first entry of any step, found by its timestep); `self.step_index` is the entry the
+    next `step` serves. A fresh scheduler walks the full training grid T-1, ..., 0 (built on first use).
     """
 
     init_noise_sigma = 1.0
@@ -54,6 +56,11 @@ class TutorialContinuousScheduler:
             )
         if cfg.thresholding and not 0 < cfg.dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio={cfg.dynamic_thresholding_ratio!r} must lie in (0, 1].")
+        if cfg.thresholding and not cfg.sample_max_value > 0:
+            raise ValueError(
+                f"sample_max_value={cfg.sample_max_value!r} must be > 0 (the largest threshold; below 1 it is the "
+                "threshold itself)."
+            )
         betas = tm.make_betas(
             cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas
         )
@@ -64,10 +71,101 @@ class TutorialContinuousScheduler:
         self.betas = betas.float()
         self.alphas = (1.0 - betas).float()
         self.alphas_cumprod = self.alpha_bar.float()
-        # ---- mutable state: written only by set_timesteps --------------------------------------------------------
+        # ---- mutable state: the grid (built by set_timesteps, or on first use for a fresh scheduler) --------------
         self.num_inference_steps: Optional[int] = None
-        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.float64)
-        self._walk_index: Optional[int] = None
+        self._timesteps: Optional[torch.Tensor] = None
+        self._entry_t: Optional[List[float]] = None
+        self._begin_index: Optional[int] = None
+        self._step_index: Optional[int] = None
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The loop's entries, one `step` each (a multi-stage or corrector step repeats its timestep)."""
+        if self._timesteps is None:
+            self._ensure_grid()
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value: torch.Tensor) -> None:
+        self._timesteps = value
+
+    def _ensure_grid(self) -> None:
+        """A fresh scheduler (no `set_timesteps` yet) walks the full training grid T-1, ..., 0, as diffusers' do.
+
+        Built on first use, not at construction: `from_config` followed by `set_timesteps` never pays for it.
+        """
+        if self._entry_t is None:
+            T = self.config.num_train_timesteps
+            self.set_timesteps(timesteps=torch.arange(T - 1, -1, -1, dtype=torch.float64))
+            self.num_inference_steps = None
+
+    def _use_entries(self, timesteps: torch.Tensor, starts: List[int], num_inference_steps: int, device) -> None:
+        """Record the loop's entries (`timesteps`, float64) and which of them may begin a loop (`starts`)."""
+        # ---- mutable state shared by every continuous scheduler: the grid and the position on it ----------------
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = timesteps if device is None else timesteps.to(device)
+        self._entry_t = timesteps.tolist()
+        self._starts = starts
+        self._start_of = {}  # timestep -> the first entry with it that begins a step
+        for j in reversed(starts):
+            self._start_of[self._entry_t[j]] = j
+        self._begin_index = None
+        self._step_index = None
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The entry of `timesteps` the sampling loop starts at (set by pipelines with `set_begin_index`)."""
+        return self._begin_index
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """The entry of `timesteps` the next `step` serves (None before the first step)."""
+        return self._step_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the sampling loop at entry `begin_index` of `timesteps` (img2img, inpainting, SDEdit).
+
+        diffusers' pipelines call it after `set_timesteps` with `t_start * scheduler.order`, which is the first entry
+        of step `t_start` here too (a multi-stage or corrector step has `order` entries). The loop's first `step` must
+        then be at `timesteps[begin_index]`; a multistep solver starts from an empty history there.
+
+        Args:
+            begin_index (`int`, defaults to 0): the first entry of a step, in [0, len(timesteps) - 1].
+        """
+        self._ensure_grid()
+        n = len(self._entry_t)
+        k = tm.as_integer("begin_index", begin_index, f"in [0, len(timesteps) - 1 = {n - 1}]")
+        if not 0 <= k < n or k not in self._starts:
+            shown = self._starts[:6]
+            raise ValueError(
+                f"begin_index={k} is not the first entry of a step of scheduler.timesteps; allowed: {shown}"
+                f"{'...' if len(self._starts) > 6 else ''} (multiples of order={self.order}, and {n - 1})."
+            )
+        self._begin_index = k
+        self._step_index = None
+
+    def _walk(self, timestep) -> Tuple[int, bool]:
+        """(the entry of `self.timesteps` this `step` serves, whether it begins a loop); advances `step_index`."""
+        t = float(timestep)
+        j = self._step_index
+        entries = self._entry_t
+        if entries is None:
+            self._ensure_grid()
+            entries = self._entry_t
+        if j is not None and j < len(entries) and t == entries[j]:
+            self._step_index = j + 1
+            return j, False
+        begin = self._begin_index
+        start = self._start_of.get(t) if begin is None else (begin if t == entries[begin] else None)
+        if start is None:
+            expected = entries[j] if j is not None and j < len(entries) else entries[begin or 0]
+            where = f"set_begin_index({begin})" if begin is not None else "the first entry of any step"
+            raise ValueError(
+                f"timestep={t} is not the next entry of scheduler.timesteps (expected {expected}); call step once per "
+                f"entry of scheduler.timesteps, in order, starting at {where}."
+            )
+        self._step_index = start + 1
+        return start, True
 
     # ---- the continuous schedule -----------------------------------------------------------------------------------
     def alpha_bar_at(self, t) -> torch.Tensor:
@@ -81,11 +179,8 @@ class TutorialContinuousScheduler:
         if timesteps is not None:
             grid = tm.check_custom_grid(timesteps, T)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        if (
-            not isinstance(num_inference_steps, int)
-            or isinstance(num_inference_steps, bool)
-            or num_inference_steps < 2
-        ):
+        num_inference_steps = tm.as_integer("num_inference_steps", num_inference_steps, ">= 2")
+        if num_inference_steps < 2:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 2.")
         if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
@@ -94,27 +189,6 @@ class TutorialContinuousScheduler:
         grid = tm.timestep_at(lam, self.half_log_snr)
         grid[0], grid[-1] = T - 1, 0.0
         return grid, lam
-
-    def _next_walk_index(self, timestep) -> int:
-        """Which entry of `self.timesteps` this `step` call serves; checks the loop walks them in order."""
-        if self._walk_index is None:
-            raise ValueError(
-                f"{type(self).__name__}.step was called before set_timesteps; call "
-                "scheduler.set_timesteps(num_inference_steps) first."
-            )
-        t = float(timestep)
-        if self._walk_index < len(self.timesteps) and t == float(self.timesteps[self._walk_index]):
-            index = self._walk_index
-        elif t == float(self.timesteps[0]):
-            index = 0  # a new sampling loop over the same grid
-        else:
-            expected = float(self.timesteps[self._walk_index]) if self._walk_index < len(self.timesteps) else None
-            raise ValueError(
-                f"timestep={t} is not the next entry of scheduler.timesteps (expected {expected}); call step once "
-                "per entry of scheduler.timesteps, in order."
-            )
-        self._walk_index = index + 1
-        return index
 
     def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float):
         if tuple(model_output.shape) != tuple(sample.shape):

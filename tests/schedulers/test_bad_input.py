@@ -64,13 +64,63 @@ def test_set_timesteps_argument_checks(cls):
 def test_step_checks(cls):
     s = cls()
     x = torch.randn(1, 3, 4, 4)
-    with pytest.raises(ValueError, match="before set_timesteps"):
-        s.step(x, 999, x)
     s.set_timesteps(10)
     with pytest.raises(ValueError, match=r"model_output has shape \(1, 3, 8, 8\) but sample has shape \(1, 3, 4, 4\)"):
         s.step(torch.randn(1, 3, 8, 8), s.timesteps[0], x)
-    with pytest.raises(ValueError, match="timestep=998 is not on the grid"):
-        s.step(x, 998, x)
+    # A float timestep used to be floored silently; an integral float is harmless and accepted.
+    for bad in (900.7, torch.tensor(900.7), torch.tensor(900.5, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"timestep=900.[57]\d* is not an integer.*integer timesteps 0..999"):
+            s.step(x, bad, x)
+    for outside in (1000, -1, torch.tensor(-3)):
+        with pytest.raises(ValueError, match=r"timestep=-?\d+ is outside \[0, num_train_timesteps - 1 = 999\]"):
+            s.step(x, outside, x)
+    with pytest.raises(ValueError, match=r"timestep has shape \(2,\); step takes one timestep"):
+        s.step(x, torch.tensor([900, 800]), x)
+    torch.testing.assert_close(
+        s.step(x, 900.0, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+        s.step(x, 900, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+    )
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_add_noise_refuses_timesteps_outside_the_table(cls):
+    """t = -1 used to index ᾱ[-1] = ᾱ_{T-1} (silently the noisiest level); 3.5 used to be floored."""
+    s = cls()
+    x0 = torch.zeros(2, 1, 2, 2)
+    for bad in (torch.tensor([-1, 5]), torch.tensor([0, 1000]), -1, torch.tensor([3.5, 2.0])):
+        with pytest.raises(
+            ValueError, match=r"timesteps=\[.*\] must be integers in \[0, num_train_timesteps - 1 = 999\]"
+        ):
+            s.add_noise(x0, x0, bad)
+    with pytest.raises(ValueError, match=r"must be integers in \[0"):
+        s.get_velocity(x0, x0, torch.tensor([0, -1]))
+    ok = s.add_noise(x0 + 1, x0, torch.tensor([3.0, 999.0]))  # integral floats are harmless
+    torch.testing.assert_close(ok[:, 0, 0, 0], s.alpha_bar[[3, 999]].sqrt().float())
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"beta_end": 2.0}, r"beta_end=2.0 must be a number in the open interval \(0, 1\) for beta_schedule='linear'"),
+        ({"beta_start": 0.0}, r"beta_start=0.0 must be a number in the open interval \(0, 1\)"),
+        ({"beta_start": -0.1, "beta_schedule": "sigmoid"}, r"beta_start=-0.1 .*beta_schedule='sigmoid'"),
+        ({"beta_end": float("nan"), "beta_schedule": "scaled_linear"}, r"beta_end=nan must be a number in"),
+        (
+            {"beta_start": 0.02, "beta_end": 0.0001},
+            r"beta_start=0.02 > beta_end=0.0001.*0 < beta_start <= beta_end < 1",
+        ),
+    ],
+)
+def test_beta_endpoints_are_checked_at_the_door(cls, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_beta_endpoints_are_ignored_where_the_schedule_does_not_use_them(cls):
+    cls(beta_schedule="squaredcos_cap_v2", beta_end=2.0)
+    cls(beta_start=0.01, beta_end=0.01)  # a constant schedule is a schedule
 
 
 def test_negative_eta_is_refused():

@@ -134,7 +134,7 @@ def test_ddim_eta_one_on_the_full_grid_is_ddpm_fixed_small():
         z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
         ours = ddim.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
         ddpm_mean = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample - math.sqrt(
-            math.exp(ddpm._tables["log_small"][ddpm._step_index(t)])
+            math.exp(ddpm._locate(t)[0]["log_small"][ddpm._locate(t)[1]])
         ) * torch.randn(x.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
         _, _, posterior_variance = tm.q_posterior_coefs(ddim.alpha_bar[t], ddim.alpha_bar[t - 1])
         expected = ddpm_mean + posterior_variance.sqrt() * z

@@ -131,3 +131,25 @@ def test_trailing_grid_has_exactly_n_timesteps():
         ref.set_timesteps(n)
         assert len(ref.timesteps) == n + 1 and int(ref.timesteps[-1]) == -1
         assert torch.equal(ours.timesteps, ref.timesteps[:n])
+
+
+@pytest.mark.parametrize(
+    "ours_cls, ref_cls", [(TutorialDDPMScheduler, DDPMScheduler), (TutorialDDIMScheduler, DDIMScheduler)]
+)
+def test_clipping_does_not_turn_inf_into_a_pixel(ours_cls, ref_cls):
+    """x̂_0 = (x_t - σ ε̂)/√ᾱ (DDPM eq. (15)) with ε̂ = -inf is +inf: there is no x_0 to clip. diffusers clamps it to
+    +1 and reports x̂_0 = 1; its DDPM then returns a finite, wrong sample (c_0 · 1 + c_t x_t: black or white images
+    and no error). Ours keeps x̂_0, and so the sample, non-finite."""
+    x = torch.zeros(1, 1, 2, 2)
+    eps = torch.zeros(1, 1, 2, 2)
+    eps[0, 0, 0, 0] = -float("inf")
+    outs = {}
+    for cls in (ref_cls, ours_cls):
+        s = cls(clip_sample=True)
+        s.set_timesteps(10)
+        outs[cls] = s.step(eps, s.timesteps[-1], x, generator=torch.Generator().manual_seed(0))
+    assert outs[ref_cls].pred_original_sample[0, 0, 0, 0] == 1.0
+    assert not torch.isfinite(outs[ours_cls].pred_original_sample[0, 0, 0, 0])
+    assert not torch.isfinite(outs[ours_cls].prev_sample[0, 0, 0, 0])
+    if ref_cls is DDPMScheduler:
+        assert bool(torch.isfinite(outs[ref_cls].prev_sample).all())

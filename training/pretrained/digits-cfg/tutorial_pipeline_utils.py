@@ -77,6 +77,9 @@ class TutorialPipelineBase(DiffusionPipeline):
     _pipeline_tag = "unconditional-image-generation"
     _card_tags = ("diffusers", "diffusion-tutorial", "pytorch")
     _card_example_call = "batch_size=4, num_inference_steps={steps}"  # arguments of the model card's example
+    # NaN/inf checks (`check_finite`): None = at once on the CPU, deferred to the loop's last step elsewhere (no host
+    # synchronisation per step on a GPU); True/False force one way (the tests run the deferred path on the CPU).
+    _defer_finite_check: Optional[bool] = None
 
     # ---- argument checks (validate at the door) -----------------------------------------------------------------
     @staticmethod
@@ -154,12 +157,40 @@ class TutorialPipelineBase(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
-    @staticmethod
-    def check_finite(sample: torch.Tensor, model_output: torch.Tensor, step_index: int, timestep, num_steps: int):
-        """Raise `FloatingPointError` naming the step at which a NaN or ±inf appeared."""
-        if bool(torch.isfinite(sample).all()):
+    def check_finite(
+        self, sample: torch.Tensor, model_output: torch.Tensor, step_index: int, timestep, num_steps: int
+    ):
+        """Raise `FloatingPointError` naming the step at which a NaN or ±inf first appeared in the sample.
+
+        On the CPU the step is checked at once. On an accelerator nothing is read back per step: whether the sample
+        (and the model output) is finite is folded into two device tensors, the first bad step and its culprit, and
+        read once at the loop's last step (`step_index == num_steps - 1`). Our schedulers never turn a non-finite
+        model output into a finite sample (clipping and thresholding keep NaN/inf), so a check of the sample suffices.
+        """
+        defer = self._defer_finite_check
+        if defer is None:
+            defer = sample.device.type != "cpu"
+        if not defer:
+            if not bool(torch.isfinite(sample).all()):
+                self._raise_non_finite(step_index, timestep, num_steps, bool(~torch.isfinite(model_output).all()))
             return
-        culprit = "the model output" if not bool(torch.isfinite(model_output).all()) else "the scheduler step"
+        if step_index == 0 or getattr(self, "_finite_watch", None) is None:
+            self._finite_watch = {"first": torch.full((), -1, device=sample.device), "timesteps": []}
+            self._finite_watch["model"] = torch.zeros((), dtype=torch.bool, device=sample.device)
+        watch = self._finite_watch
+        watch["timesteps"].append(timestep)
+        newly = ~torch.isfinite(sample).all() & (watch["first"] < 0)
+        watch["first"] = torch.where(newly, step_index, watch["first"])
+        watch["model"] = torch.where(newly, ~torch.isfinite(model_output).all(), watch["model"])
+        if step_index == num_steps - 1:
+            self._finite_watch = None
+            first = int(watch["first"])  # the one host synchronisation of the loop
+            if first >= 0:
+                self._raise_non_finite(first, watch["timesteps"][first], num_steps, bool(watch["model"]))
+
+    @staticmethod
+    def _raise_non_finite(step_index: int, timestep, num_steps: int, model_output_bad: bool):
+        culprit = "the model output" if model_output_bad else "the scheduler step"
         raise FloatingPointError(
             f"Non-finite value (NaN or inf) in the sample after step {step_index} of {num_steps} "
             f"(timestep {timestep.item() if torch.is_tensor(timestep) and timestep.numel() == 1 else timestep}); "

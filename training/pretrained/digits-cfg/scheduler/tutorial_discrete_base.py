@@ -2,9 +2,18 @@
 
 Not a sampler: `scheduling_tutorial_ddpm.py` and `scheduling_tutorial_ddim.py` each add one `step` to this.
 The math itself lives in `tutorial_math.py`; this file only holds state (what `set_timesteps` writes) and checks.
+
+Which step a timestep t takes (diffusers' implicit contract, kept so that code written for diffusers runs):
+
+- t on the current grid: to the grid's next timestep (looked up; -1 means x_0). This is where we differ from
+  diffusers' DDIM, which goes to t - T//N even on `linspace` and `trailing` grids whose spacing is not T//N.
+- t off the grid, an integer in [0, T-1]: diffusers' rule, to t - T//N (x_0 when that is negative), N the number of
+  grid points. A fresh scheduler (no `set_timesteps` yet) has the full training grid T-1, ..., 0, so it steps from t
+  to t - 1, as diffusers' DDPM does.
 """
 
-from typing import Dict, List, Optional, Sequence, Union
+import numbers
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -29,8 +38,11 @@ class TutorialDiscreteScheduler:
         tm.check_choice("timestep_spacing", cfg.timestep_spacing, tm.TIMESTEP_SPACINGS)
         if cfg.thresholding and not 0 < cfg.dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio={cfg.dynamic_thresholding_ratio!r} must lie in (0, 1].")
-        if cfg.thresholding and not cfg.sample_max_value >= 1:
-            raise ValueError(f"sample_max_value={cfg.sample_max_value!r} must be >= 1 (the threshold floor).")
+        if cfg.thresholding and not cfg.sample_max_value > 0:
+            raise ValueError(
+                f"sample_max_value={cfg.sample_max_value!r} must be > 0 (the largest threshold; below 1 it is the "
+                "threshold itself)."
+            )
         if cfg.clip_sample and not cfg.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range={cfg.clip_sample_range!r} must be > 0.")
         if not isinstance(cfg.steps_offset, int) or cfg.steps_offset < 0:
@@ -58,19 +70,30 @@ class TutorialDiscreteScheduler:
         self._sqrt_alpha_bar = self.alpha_bar.sqrt()
         self._sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
 
-        # ---- mutable state: written only by set_timesteps ----------------------------------------------------
-        self.num_inference_steps: Optional[int] = None
-        self.custom_timesteps = False
-        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        self._prev_timesteps: Optional[List[int]] = None  # grid successor of each step, -1 for x_0
-        self._index_of: List[int] = []  # timestep -> position in the grid (-1: not on it)
-        self._tables: Dict[str, List[float]] = {}  # per-step coefficients, see `_tabulate`
-        self._grid_cache: Dict[tuple, dict] = {}  # set_timesteps results per distinct grid (config is frozen)
+        # ---- mutable state: written by set_timesteps (the grid), set_begin_index and step (the position) ----------
+        self._grid_cache = {}  # grid entries per distinct grid, valid while the config object is the same
+        self._cached_config = self._internal_dict
+        self._use_grid(self._fresh_grid(), device=None)
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ---- the grid ------------------------------------------------------------------------------------------------
     def _final_alpha_bar(self) -> float:
         """ᾱ of the level -1 that the last step lands on (x_0): 1 unless a subclass says otherwise."""
         return 1.0
+
+    def _fresh_grid(self) -> dict:
+        """The grid of a scheduler before any `set_timesteps`: every training timestep T-1, ..., 0 (diffusers')."""
+        T = self.config.num_train_timesteps
+        return self._grid_entry(torch.arange(T - 1, -1, -1, dtype=torch.int64), None, custom=False)
+
+    def _grid_entry(self, grid: torch.Tensor, num_inference_steps: Optional[int], custom: bool) -> dict:
+        """A grid and what `step` needs about it; the per-step tables (`state`) are built by the first `step`."""
+        return {
+            "timesteps": grid,
+            "num_inference_steps": num_inference_steps,
+            "custom_timesteps": custom,
+            "stride": self.config.num_train_timesteps // int(grid.numel()),  # diffusers' T // N, for off-grid t
+            "state": None,
+        }
 
     def set_timesteps(
         self,
@@ -78,78 +101,157 @@ class TutorialDiscreteScheduler:
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[Sequence[int]] = None,
     ) -> None:
-        """Build the grid of timesteps the sampler visits, and its successor table, once (before sampling).
+        """Choose the grid of timesteps the sampler visits (before sampling).
+
+        Cheap: the grid is built once per distinct N (a few microseconds) and the per-step coefficients are
+        tabulated by the first `step` on it; both are cached, so coming back to an N costs a dictionary lookup.
 
         Args:
             num_inference_steps (`int`, *optional*): N, the number of steps, in [1, num_train_timesteps]; spaced by
-                the config's `timestep_spacing`. Exactly one of `num_inference_steps` and `timesteps` is given.
+                the config's `timestep_spacing`. Any integer type (a numpy integer, a 0-d tensor) is accepted.
+                Exactly one of `num_inference_steps` and `timesteps` is given.
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[int]`, *optional*): a custom strictly descending grid inside [0, num_train_timesteps).
         """
-        tm.check_steps_or_timesteps(num_inference_steps, timesteps)
-        custom = None if timesteps is None else tuple(timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)
-        key = (num_inference_steps, custom)
-        state = self._grid_cache.get(key)
-        if state is None:
-            state = self._build_grid_state(num_inference_steps, timesteps)
-            self._grid_cache[key] = state
-        # ---- the one block of mutable state ----------------------------------------------------------------------
-        grid = state["timesteps"]
-        self.timesteps = grid.to(device) if device is not None else grid
-        self.num_inference_steps = state["num_inference_steps"]
-        self.custom_timesteps = state["custom_timesteps"]
-        self._prev_timesteps = state["prev_timesteps"]
-        self._index_of = state["index_of"]
-        self._tables = state["tables"]
-
-    def _build_grid_state(self, num_inference_steps: Optional[int], timesteps: Optional[Sequence[int]]) -> dict:
-        """The grid, its successors and the per-step coefficient tables, computed once per distinct grid."""
+        if (num_inference_steps is None) == (timesteps is None):
+            tm.check_steps_or_timesteps(num_inference_steps, timesteps)
         T = self.config.num_train_timesteps
-        if timesteps is not None:
-            grid = tm.validate_custom_timesteps(timesteps, T)
+        if timesteps is None:
+            n = num_inference_steps
+            if type(n) is not int:
+                n = tm.as_integer("num_inference_steps", n, f"in [1, num_train_timesteps={T}]")
+            key = n
         else:
-            grid = tm.spaced_timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
-            if int(grid[0]) >= T:
-                raise ValueError(
-                    f"steps_offset={self.config.steps_offset} pushes the 'leading' grid past t = {T - 1} at "
-                    f"num_inference_steps={num_inference_steps}; lower steps_offset or num_inference_steps."
-                )
-        prev = tm.successor_timesteps(grid)
-        # ᾱ of each step's target level; index -1 (x_0) picks the appended final ᾱ.
-        alpha_bar_ext = torch.cat([self.alpha_bar, self.alpha_bar.new_tensor([self._final_alpha_bar()])])
-        index_of = [-1] * T
-        for i, t in enumerate(grid.tolist()):
-            index_of[t] = i
-        return {
-            "timesteps": grid,
-            "num_inference_steps": int(grid.numel()),
-            "custom_timesteps": timesteps is not None,
-            "prev_timesteps": prev.tolist(),
-            "index_of": index_of,
-            "tables": self._tabulate(self.alpha_bar[grid], alpha_bar_ext[prev]),
-        }
+            key = ("custom", tuple(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps))
+        if self._internal_dict is not self._cached_config:  # the config was replaced (diffusers' pipelines do)
+            self._grid_cache, self._cached_config = {}, self._internal_dict
+        entry = self._grid_cache.get(key)
+        if entry is None:
+            if timesteps is None:
+                spacing, offset = self.config.timestep_spacing, self.config.steps_offset
+                if spacing == "leading" and 1 <= n <= T and (n - 1) * (T // n) + offset >= T:  # the grid's first t
+                    raise ValueError(
+                        f"steps_offset={offset} pushes the 'leading' grid past t = {T - 1} at "
+                        f"num_inference_steps={n}; lower steps_offset or num_inference_steps."
+                    )
+                grid = tm.spaced_timesteps(n, T, spacing, offset)
+                entry = self._grid_entry(grid, n, custom=False)
+            else:
+                grid = tm.validate_custom_timesteps(timesteps, T)
+                entry = self._grid_entry(grid, int(grid.numel()), custom=True)
+            self._grid_cache[key] = entry
+        self._use_grid(entry, device)
+
+    def _use_grid(self, entry: dict, device) -> None:
+        # ---- the one block of mutable state ----------------------------------------------------------------------
+        grid = entry["timesteps"]
+        self.timesteps = grid if device is None else grid.to(device)
+        self.num_inference_steps = entry["num_inference_steps"]  # None for the fresh grid, as in diffusers
+        self.custom_timesteps = entry["custom_timesteps"]
+        self._grid = entry
+        self._state = entry["state"]  # None until the first step on this grid tabulates it
+        self._begin_index = None
+        self._step_index = None
+
+    def _grid_state(self) -> dict:
+        """The successor of every grid timestep and the per-step coefficient tables, built once per grid."""
+        entry = self._grid
+        if entry["state"] is None:
+            grid = entry["timesteps"]
+            prev = tm.successor_timesteps(grid)
+            # ᾱ of each step's target level; index -1 (x_0) picks the appended final ᾱ.
+            alpha_bar_ext = torch.cat([self.alpha_bar, self.alpha_bar.new_tensor([self._final_alpha_bar()])])
+            entry["state"] = {
+                "index_of": {t: i for i, t in enumerate(grid.tolist())},
+                "prev": prev.tolist(),
+                "tables": self._tabulate(self.alpha_bar[grid], alpha_bar_ext[prev]),
+            }
+        self._state = entry["state"]
+        return self._state
 
     def _tabulate(self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict:
         """Per-step coefficient tables (lists of Python floats) a subclass's `step` reads; float64 in, once."""
         return {}
 
-    def _step_index(self, timestep: Union[int, torch.Tensor]) -> int:
-        """Position of `timestep` in the grid; the door every `step` passes through."""
-        if self._prev_timesteps is None:
+    # ---- where a timestep steps to --------------------------------------------------------------------------------
+    def _as_timestep(self, timestep) -> int:
+        """`timestep` as a Python int in [0, T-1]; a non-integral value (900.7) or one outside the range raises."""
+        T = self.config.num_train_timesteps
+        value = timestep
+        if torch.is_tensor(timestep):
+            if timestep.numel() != 1:
+                raise ValueError(
+                    f"timestep has shape {tuple(timestep.shape)}; step takes one timestep (a scalar) for the batch."
+                )
+            value = timestep.item()
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            t = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+            t = int(value)
+        else:
             raise ValueError(
-                f"{type(self).__name__}.step was called before set_timesteps; call "
-                "scheduler.set_timesteps(num_inference_steps) first."
+                f"timestep={value!r} is not an integer; {type(self).__name__} steps at the integer timesteps "
+                f"0..{T - 1} (use TutorialPFODEScheduler or TutorialDPMSolverPlusPlusScheduler for continuous time)."
             )
-        t = int(timestep)
-        index = self._index_of[t] if 0 <= t < len(self._index_of) else -1
-        if index < 0:
-            raise ValueError(f"timestep={t} is not on the grid set by set_timesteps: {self.timesteps.tolist()}.")
-        return index
+        if not 0 <= t < T:
+            raise ValueError(f"timestep={t} is outside [0, num_train_timesteps - 1 = {T - 1}].")
+        return t
+
+    def _locate(self, timestep) -> Tuple[dict, int, int, int, Optional[int]]:
+        """(tables, row, t, t', step_index after the step) for a step from `timestep`; the door of every `step`.
+
+        On the grid: the grid's own successor t' and the cached tables. Off the grid: diffusers' t' = t - T//N (x_0
+        when negative) and a one-row table computed for it.
+        """
+        if type(timestep) is int:
+            t = timestep
+        elif torch.is_tensor(timestep) and not timestep.is_floating_point() and timestep.numel() == 1:
+            t = int(timestep)  # an entry of self.timesteps: the common case, checked by the lookup below
+        else:
+            t = self._as_timestep(timestep)
+        state = self._state or self._grid_state()
+        i = state["index_of"].get(t)
+        if i is not None:
+            return state["tables"], i, t, state["prev"][i], i + 1
+        t = self._as_timestep(t)  # an int off the grid: still inside [0, T-1]
+        t_prev = t - self._grid["stride"]
+        if t_prev < 0:
+            t_prev, alpha_bar_prev = -1, self._final_alpha_bar()
+        else:
+            alpha_bar_prev = float(self.alpha_bar[t_prev])
+        tables = self._tabulate(self.alpha_bar[t : t + 1], self.alpha_bar.new_tensor([alpha_bar_prev]))
+        return tables, 0, t, t_prev, None
 
     def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
-        """The grid timestep a step from `timestep` moves to (-1 means x_0). Looked up, never recomputed."""
-        prev = self._prev_timesteps[self._step_index(timestep)]
+        """The timestep a step from `timestep` moves to (-1 means x_0): the grid's next entry, or t - T//N off it."""
+        prev = self._locate(timestep)[3]
         return torch.tensor(prev) if torch.is_tensor(timestep) else prev
+
+    # ---- starting part-way down the grid (img2img, inpainting, SDEdit) ---------------------------------------------
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The entry of `timesteps` the sampling loop starts at (set by pipelines with `set_begin_index`)."""
+        return self._begin_index
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """The entry of `timesteps` the next `step` serves (None before the first step, or after an off-grid one)."""
+        return self._step_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the sampling loop at entry `begin_index` of `timesteps`, as diffusers' img2img pipelines do.
+
+        A discrete scheduler looks each timestep up, so starting part-way needs nothing more than stepping from
+        `timesteps[begin_index]`; the index is validated and kept for code that reads `begin_index`.
+
+        Args:
+            begin_index (`int`, defaults to 0): an entry of `timesteps`, in [0, len(timesteps) - 1].
+        """
+        n = len(self.timesteps)
+        k = tm.as_integer("begin_index", begin_index, f"in [0, len(timesteps) - 1 = {n - 1}]")
+        if not 0 <= k < n:
+            raise ValueError(f"begin_index={k} must lie in [0, len(timesteps) - 1 = {n - 1}].")
+        self._begin_index = k
 
     @staticmethod
     def _check_shapes(model_output: torch.Tensor, sample: torch.Tensor, channels_factor: int = 1) -> None:
@@ -161,11 +263,14 @@ class TutorialDiscreteScheduler:
             )
 
     def _keep_in_range(self, x0: torch.Tensor) -> torch.Tensor:
-        """Dynamic thresholding (Imagen) or clipping of x̂_0 to [-clip_sample_range, clip_sample_range]."""
+        """Dynamic thresholding (Imagen) or clipping of x̂_0 to [-clip_sample_range, clip_sample_range].
+
+        Neither turns a NaN or ±inf into a finite value (see `tm.clip_x0`): a broken model output stays visible.
+        """
         if self.config.thresholding:
             return tm.dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         if self.config.clip_sample:
-            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            return tm.clip_x0(x0, self.config.clip_sample_range)
         return x0
 
     # ------------------------------------------------------------------------------------------------------------
@@ -173,13 +278,30 @@ class TutorialDiscreteScheduler:
         """Identity: variance-preserving models take x_t as it is (kept for interchangeability with Euler & co.)."""
         return sample
 
-    def _coefs_at(self, timesteps: torch.Tensor, like: torch.Tensor):
-        if self._sqrt_alpha_bar.device != like.device:  # the tables follow the data, once; t never leaves it
+    def _coefs_at(self, timesteps, like: torch.Tensor):
+        """(√ᾱ_t, √(1-ᾱ_t)) broadcast against `like`, for integer t in [0, T-1] (checked: no silent wrap of -1)."""
+        T = self.config.num_train_timesteps
+        timesteps = torch.as_tensor(timesteps, device=like.device)
+        if timesteps.is_floating_point():
+            whole = timesteps == timesteps.round()
+        else:
+            whole = None
+        inside = (timesteps >= 0) & (timesteps < T)
+        if timesteps.device.type == "cuda":  # checked on the device: no host synchronisation in a training loop
+            ok = inside if whole is None else inside & whole
+            torch._assert_async(ok.all(), f"add_noise: timesteps must be integers in [0, {T - 1}]")
+        elif not bool(inside.all()) or (whole is not None and not bool(whole.all())):
+            shown = timesteps.flatten()[:8].tolist()
+            raise ValueError(
+                f"timesteps={shown}{'...' if timesteps.numel() > 8 else ''} must be integers in "
+                f"[0, num_train_timesteps - 1 = {T - 1}] (one per sample, or one for the batch)."
+            )
+        timesteps = timesteps.long()
+        if self._sqrt_alpha_bar.device != like.device:
             self._sqrt_alpha_bar = self._sqrt_alpha_bar.to(like.device)
             self._sqrt_one_minus_alpha_bar = self._sqrt_one_minus_alpha_bar.to(like.device)
-        timesteps = torch.as_tensor(timesteps, device=like.device).flatten().long()
-        a = tm.expand_to(self._sqrt_alpha_bar[timesteps], like)
-        s = tm.expand_to(self._sqrt_one_minus_alpha_bar[timesteps], like)
+        a = tm.expand_to(self._sqrt_alpha_bar[timesteps.flatten()], like)
+        s = tm.expand_to(self._sqrt_one_minus_alpha_bar[timesteps.flatten()], like)
         return a, s
 
     def add_noise(
@@ -190,7 +312,7 @@ class TutorialDiscreteScheduler:
         Args:
             original_samples (`torch.Tensor`): x_0, shape (B, ...).
             noise (`torch.Tensor`): ε ~ N(0, I), same shape.
-            timesteps (`torch.IntTensor`): t per sample, shape (B,) or a scalar.
+            timesteps (`torch.IntTensor`): t per sample, shape (B,), or one t for the batch; integers in [0, T-1].
 
         Returns:
             `torch.Tensor`: x_t, in `original_samples`' dtype.

@@ -4,6 +4,7 @@ Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239 
 grids and variance choices of Nichol & Dhariwal, arXiv:2102.09672.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -104,17 +105,17 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             "log_large": torch.log(1.0 - alpha_bar / alpha_bar_prev).tolist(),
         }
 
-    def _log_variance(self, i: int, predicted_variance: Optional[torch.Tensor]):
-        """log σ_t² of step i as a float (fixed types) or a tensor (learned types)."""
+    def _log_variance(self, tables: dict, i: int, predicted_variance: Optional[torch.Tensor]):
+        """log σ_t² of row i of `tables` as a float (fixed types) or a tensor (learned types)."""
         kind = self.variance_type
         if kind in ("fixed_small", "fixed_small_log"):
-            return self._tables["log_small"][i]  # σ² = β̃_t, DDPM Sec. 3.2
+            return tables["log_small"][i]  # σ² = β̃_t, DDPM Sec. 3.2
         if kind in ("fixed_large", "fixed_large_log"):
-            return self._tables["log_large"][i]  # σ² = β_t, DDPM Sec. 3.2 (diffusers' fixed_large_log is NaN)
+            return tables["log_large"][i]  # σ² = β_t, DDPM Sec. 3.2 (diffusers' fixed_large_log is NaN)
         if kind == "learned":
             return torch.log(predicted_variance)  # the model outputs σ² itself (diffusers' meaning)
         frac = (predicted_variance + 1) / 2  # improved DDPM eq. (15)
-        return frac * self._tables["log_large"][i] + (1 - frac) * self._tables["log_small"][i]
+        return frac * tables["log_large"][i] + (1 - frac) * tables["log_small"][i]
 
     def step(
         self,
@@ -129,7 +130,8 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         Args:
             model_output (`torch.Tensor`): the network's output at (x_t, t); with a learned variance type, twice the
                 channels of `sample` (prediction first, variance second).
-            timestep (`int`): t, a timestep of the grid built by `set_timesteps`.
+            timestep (`int`): t, an integer timestep: on the grid it steps to the grid's next timestep, off it to
+                t - T//N (diffusers' rule; see the module docstring of `tutorial_discrete_base`).
             sample (`torch.Tensor`): x_t.
             generator (`torch.Generator`, *optional*): source of the step's noise z.
             return_dict (`bool`, defaults to `True`): return a `TutorialSchedulerOutput` rather than a tuple.
@@ -137,7 +139,7 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         Returns:
             `TutorialSchedulerOutput` or `(prev_sample, pred_original_sample)`.
         """
-        i = self._step_index(timestep)
+        tables, i, t, _, next_index = self._locate(timestep)
         learned = self.variance_type in LEARNED_VARIANCE_TYPES
         if learned:
             if model_output.shape[1:2] != (2 * sample.shape[1],):
@@ -153,24 +155,24 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             predicted_variance = None
 
         # 1. x̂_0 from the network's output (DDPM eq. (15) for ε; Salimans & Ho App. D for v), then clip.
-        x0 = tm.model_output_to_x0(model_output, sample, self._tables["alpha_bar"][i], self.config.prediction_type)
+        x0 = tm.model_output_to_x0(model_output, sample, tables["alpha_bar"][i], self.config.prediction_type)
         x0 = self._keep_in_range(x0)
 
         # 2. Posterior mean μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. (7)).
-        prev_sample = self._tables["coef_x0"][i] * x0 + self._tables["coef_xt"][i] * sample
+        prev_sample = (sample * tables["coef_xt"][i]).add_(x0, alpha=tables["coef_x0"][i])
 
         # 3. Add σ_t z for t > 0 (Algorithm 2: z = 0 only at t = 0).
-        if int(timestep) > 0:
+        if t > 0:
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
-            log_variance = self._log_variance(i, predicted_variance)
+            log_variance = self._log_variance(tables, i, predicted_variance)
             if torch.is_tensor(log_variance):
-                std = torch.exp(0.5 * log_variance)
+                prev_sample = prev_sample + torch.exp(0.5 * log_variance) * noise
             else:
-                std = float(np.exp(0.5 * log_variance))
-            prev_sample = prev_sample + std * noise
+                prev_sample.add_(noise, alpha=math.exp(0.5 * log_variance))
 
+        self._step_index = next_index
         if not return_dict:
             return prev_sample, x0
         return TutorialSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

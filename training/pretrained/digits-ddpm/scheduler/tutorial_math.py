@@ -24,18 +24,22 @@ Glossary: one symbol, one spelling, everywhere in this repository.
     ∇ log q_t(x_t)      score               = -ε / σ_t
 
 Everything here is computed in float64 (schedules) and cast to the caller's dtype at the boundary.
-Torch only: no diffusers, no pipelines, no training code.
+Torch (and numpy for the timestep grids) only: no diffusers, no pipelines, no training code.
 """
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Allowed values. Dispatch and error messages both read these tuples (validate at the door).
 # ----------------------------------------------------------------------------------------------------------------
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+# The schedules built from the endpoints beta_start and beta_end (the others are defined through ᾱ(t)).
+ENDPOINT_BETA_SCHEDULES = ("linear", "scaled_linear", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
@@ -47,6 +51,21 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
     """Raise `ValueError` naming the argument, its value and the allowed values unless `value in allowed`."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {tuple(allowed)}.")
+
+
+def as_integer(name: str, value, allowed: str = "") -> int:
+    """`value` as a Python int if it is an integer of any kind (int, numpy integer, 0-d integer tensor), else raise.
+
+    Booleans, floats (even integral ones) and tensors with more than one element are refused with a `ValueError`
+    naming the argument, its value and `allowed` (e.g. "in [1, 1000]").
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if torch.is_tensor(value) and value.numel() == 1 and value.ndim <= 1:
+        if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            return int(value)
+    what = f"an integer {allowed}".rstrip()
+    raise ValueError(f"{name}={value!r} must be {what} (an int, a numpy integer or a 0-d integer tensor).")
 
 
 def expand_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +149,8 @@ def make_betas(
             )
         return betas
     check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    if beta_schedule in ENDPOINT_BETA_SCHEDULES:
+        check_beta_endpoints(beta_schedule, beta_start, beta_end)
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if beta_schedule == "scaled_linear":
@@ -139,6 +160,24 @@ def make_betas(
     if beta_schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
     return betas_from_alpha_bar_fn(T, laplace_alpha_bar)  # "laplace"
+
+
+def check_beta_endpoints(beta_schedule: str, beta_start: float, beta_end: float) -> None:
+    """The endpoints of a `linear`/`scaled_linear`/`sigmoid` schedule are variances of one step: 0 < start ≤ end < 1.
+
+    β_t ≥ 1 makes ᾱ_t ≤ 0 and every √ᾱ_t non-finite (or ᾱ negative further on); β_t ≤ 0 is no noise at all.
+    """
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+            raise ValueError(
+                f"{name}={value!r} must be a number in the open interval (0, 1) for beta_schedule={beta_schedule!r} "
+                f"(allowed: 0 < beta_start <= beta_end < 1)."
+            )
+    if beta_start > beta_end:
+        raise ValueError(
+            f"beta_start={beta_start!r} > beta_end={beta_end!r}: the {beta_schedule!r} schedule increases from "
+            "beta_start to beta_end (allowed: 0 < beta_start <= beta_end < 1)."
+        )
 
 
 def alpha_bar_from_betas(betas: torch.Tensor) -> torch.Tensor:
@@ -255,6 +294,8 @@ def _sqrt_pair(alpha_bar, x: torch.Tensor):
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x̂_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t (DDPM eq. (15); DDIM eq. (9))."""
     a, s = _sqrt_pair(alpha_bar, x_t)
+    if isinstance(a, float):  # a sampler's step: x_t - s ε in one kernel, then ÷ a in place
+        return torch.sub(x_t, eps, alpha=s).div_(a)
     return (x_t - s * eps) / a
 
 
@@ -329,19 +370,28 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Keeping x̂_0 in the data range
+# Keeping x̂_0 in the data range. Neither may turn a NaN or ±inf into a plausible pixel: clamping +inf to the bound
+# would hide a broken model output (all-black images, no error), so both add 0 · x̂_0, which is exactly 0 where x̂_0
+# is finite and NaN where it is not (one fused elementwise kernel, no host synchronisation).
 # ----------------------------------------------------------------------------------------------------------------
+def clip_x0(x0: torch.Tensor, bound: float) -> torch.Tensor:
+    """Clip x̂_0 to [-bound, bound] (DDPM's sampler code); NaN and ±inf entries stay non-finite (as NaN)."""
+    return x0.clamp(-bound, bound).add_(x0, alpha=0)
+
+
 def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3), per sample.
 
-    s = clamp(quantile_ratio(|x̂_0|), 1, max_value); x̂_0 ← clamp(x̂_0, -s, s) / s.
+    s = clamp(quantile_ratio(|x̂_0|), 1, max_value); x̂_0 ← clamp(x̂_0, -s, s) / s. With `max_value` < 1 the clamp
+    yields s = `max_value` (torch's clamp when min > max, as in diffusers): x̂_0 is clipped to ±max_value and
+    stretched to ±1. NaN and ±inf entries stay non-finite (see `clip_x0`).
     """
     dtype = x0.dtype
     flat = x0.reshape(x0.shape[0], -1)
     if dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # quantile is not implemented for half precision
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
-    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype).add_(x0, alpha=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,24 +403,26 @@ def spaced_timesteps(
     """The N timesteps (descending, int64) a sampler visits out of 0..T-1.
 
     `leading`: k·⌊T/N⌋ + steps_offset; `trailing`: round(T - k·T/N) - 1; `linspace`: round(linspace(0, T-1, N)).
+    Built with numpy in float64 (a few microseconds: pipelines call this on every request).
     """
     check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
     T, N = num_train_timesteps, num_inference_steps
     if not isinstance(N, int) or isinstance(N, bool) or not 1 <= N <= T:
         raise ValueError(f"num_inference_steps={N!r} must be an integer in [1, num_train_timesteps={T}].")
-    k = torch.arange(N, dtype=torch.float64)
     if timestep_spacing == "leading":
-        grid = (k * (T // N) + steps_offset).flip(0)
+        grid = np.arange((N - 1) * (T // N) + steps_offset, steps_offset - 1, -(T // N), dtype=np.int64)
     elif timestep_spacing == "trailing":
-        # T + k·δ with δ = (T - T/N) - T, the float arithmetic of numpy.arange(T, 0, -T/N), so that exact .5 ties
-        # round as in diffusers. Unlike that arange, the grid always has exactly N points (diffusers: N + 1, ending
-        # at t = -1, for N in e.g. {61, 103, 121}).
-        delta = (T - T / N) - T
-        grid = torch.round(T + k * delta) - 1
-    else:
-        step = (T - 1) / (N - 1) if N > 1 else 0.0
-        grid = torch.round(torch.cat([k[:-1] * step, k.new_tensor([T - 1.0])]) if N > 1 else k).flip(0)
-    return grid.to(torch.int64)
+        # numpy.arange(T, 0, -T/N) as in diffusers, so that exact .5 ties round the same way, but only its first N
+        # points: for some N (61, 103, 121, ...) the arange has N + 1, the last one rounding to t = -1.
+        grid = np.rint(np.arange(T, 0, -T / N)[:N]).astype(np.int64)
+        grid -= 1
+    else:  # linspace: k (T-1)/(N-1), the last point exactly T-1 (numpy.linspace's arithmetic), rounded half to even
+        k = np.arange(N, dtype=np.float64)
+        if N > 1:
+            k *= (T - 1) / (N - 1)
+            k[-1] = T - 1.0
+        grid = np.rint(k[::-1]).astype(np.int64)
+    return torch.from_numpy(grid)
 
 
 def successor_timesteps(timesteps: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""The contract parts only our discrete schedulers have: diffusers' DDPM/DDIM keys and defaults, zero-terminal-SNR
+configs, `previous_timestep`, and add_noise against the ᾱ table. The contract of all five is test_contract.py."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
+
+OUR_SCHEDULERS = [TutorialDDPMScheduler, TutorialDDIMScheduler]
+DIFFUSERS_COUNTERPARTS = [DDPMScheduler, DDIMScheduler]
+SHARED_CONFIG = dict(
+    num_train_timesteps=500,
+    beta_start=0.0002,
+    beta_end=0.03,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    clip_sample=False,
+    thresholding=True,
+    dynamic_thresholding_ratio=0.9,
+    clip_sample_range=2.0,
+    sample_max_value=3.0,
+    timestep_spacing="trailing",
+    steps_offset=0,
+    rescale_betas_zero_snr=True,
+)
+
+
+@pytest.fixture(params=OUR_SCHEDULERS, ids=lambda c: c.__name__)
+def scheduler_cls(request):
+    return request.param
+
+
+@pytest.mark.parametrize("counterpart", DIFFUSERS_COUNTERPARTS, ids=lambda c: c.__name__)
+def test_config_has_every_key_of_the_diffusers_counterpart(counterpart):
+    """Both directions of from_config need the key names; ours is a superset of diffusers' own for its class."""
+    ours = {DDPMScheduler: TutorialDDPMScheduler, DDIMScheduler: TutorialDDIMScheduler}[counterpart]
+    theirs = set(inspect.signature(counterpart.__init__).parameters) - {"self"}
+    assert theirs <= set(inspect.signature(ours.__init__).parameters)
+    defaults = {k: v.default for k, v in inspect.signature(counterpart.__init__).parameters.items() if k != "self"}
+    for key, value in defaults.items():
+        assert ours().config[key] == value, key
+
+
+@pytest.mark.parametrize("counterpart", DIFFUSERS_COUNTERPARTS, ids=lambda c: c.__name__)
+def test_from_config_both_ways(scheduler_cls, counterpart):
+    theirs = counterpart.from_config({**SHARED_CONFIG, "prediction_type": "v_prediction"})
+    ours = scheduler_cls.from_config(theirs.config)
+    for key in SHARED_CONFIG:
+        assert ours.config[key] == theirs.config[key], key
+    back = counterpart.from_config(ours.config)
+    for key in SHARED_CONFIG:
+        assert back.config[key] == SHARED_CONFIG[key], key
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-4, atol=1e-6)
+
+
+def test_timesteps_and_previous_timestep(scheduler_cls):
+    s = scheduler_cls(timestep_spacing="linspace")
+    s.set_timesteps(7, device="cpu")
+    grid = s.timesteps.tolist()
+    assert grid == sorted(grid, reverse=True) and len(grid) == 7 and grid[0] == 999 and grid[-1] == 0
+    assert [s.previous_timestep(t) for t in grid] == grid[1:] + [-1]
+    assert s.previous_timestep(torch.tensor(grid[0])).item() == grid[1]
+    s.set_timesteps(timesteps=[900, 500, 20])
+    assert s.timesteps.tolist() == [900, 500, 20] and s.previous_timestep(500) == 20 and s.num_inference_steps == 3
+    s.set_timesteps(7)  # grids are cached per N: switching back restores the whole state
+    assert s.timesteps.tolist() == grid and s.num_inference_steps == 7 and not s.custom_timesteps
+    assert [s.previous_timestep(t) for t in grid] == grid[1:] + [-1]
+
+
+def test_add_noise_is_q_sample(scheduler_cls):
+    s = scheduler_cls()
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 250, 999])
+    expected = s.alpha_bar[t].sqrt().view(3, 1, 1, 1) * x0 + (1 - s.alpha_bar[t]).sqrt().view(3, 1, 1, 1) * eps
+    torch.testing.assert_close(s.add_noise(x0, eps, t), expected.float())
+    v = s.get_velocity(x0, eps, t)
+    expected_v = s.alpha_bar[t].sqrt().view(3, 1, 1, 1) * eps - (1 - s.alpha_bar[t]).sqrt().view(3, 1, 1, 1) * x0
+    torch.testing.assert_close(v, expected_v.float())
