@@ -10,6 +10,7 @@ import custom_pipelines
 from custom_pipelines import (
     TutorialClassConditionalPipeline,
     TutorialDDIMInversionPipeline,
+    TutorialImg2ImgPipeline,
     TutorialPipelineBase,
     TutorialUnconditionalPipeline,
 )
@@ -20,6 +21,10 @@ CALLBACK_PIPELINES = {
     TutorialUnconditionalPipeline: ({}, dict(batch_size=2)),
     TutorialDDIMInversionPipeline: ({}, dict(batch_size=2)),
     TutorialClassConditionalPipeline: (dict(num_class_embeds=3), dict(class_labels=[0, 1], guidance_scale=2.0)),
+    TutorialImg2ImgPipeline: (
+        {},
+        dict(image=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), strength=1.0),
+    ),
 }
 
 

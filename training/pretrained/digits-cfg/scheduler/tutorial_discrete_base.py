@@ -287,7 +287,7 @@ class TutorialDiscreteScheduler:
         else:
             whole = None
         inside = (timesteps >= 0) & (timesteps < T)
-        if timesteps.device.type == "cuda":  # checked on the device: no host synchronisation in a training loop
+        if timesteps.device.type != "cpu":  # checked on the device: no host synchronisation in a training loop
             ok = inside if whole is None else inside & whole
             torch._assert_async(ok.all(), f"add_noise: timesteps must be integers in [0, {T - 1}]")
         elif not bool(inside.all()) or (whole is not None and not bool(whole.all())):
