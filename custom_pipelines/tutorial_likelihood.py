@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional, Tuple
 import torch
 
 from schedulers import tutorial_math as tm
-from schedulers.scheduling_tutorial_pf_ode import dormand_prince
+from schedulers.tutorial_ode import dormand_prince
 
 DECODERS = ("discretized", "gaussian")
 TRACE_ESTIMATORS = ("exact", "hutchinson")

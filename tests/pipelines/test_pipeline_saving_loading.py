@@ -28,9 +28,9 @@ STEPS = 5  # divides T = 1000, so diffusers' DDIM/DDPM grids agree with ours and
 SEED = 7
 SCHEDULER_SOURCES = (
     "scheduling_tutorial_ddim.py",
-    "scheduling_tutorial_ddpm.py",
     "tutorial_discrete_base.py",
     "tutorial_math.py",
+    "tutorial_scheduler_output.py",
 )
 
 
@@ -99,14 +99,13 @@ def test_folder_is_self_contained(folders):
     index = json.loads((path / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_tutorial_unconditional", "TutorialUnconditionalPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DModel"]
-    # diffusers' loader fetches only siblings imported as `from .name import ...` (it misses `from . import
-    # tutorial_math`); when the scheduler file does not name them all that way, an entry file that does is recorded.
-    module, cls_name = index["scheduler"]
-    assert cls_name == "TutorialDDIMScheduler"
-    assert module in ("scheduling_tutorial_ddim", "scheduling_tutorial_ddim_entry")
-    entry = (path / "scheduler" / f"{module}.py").read_text()
-    for stem in ("scheduling_tutorial_ddpm", "tutorial_discrete_base", "tutorial_math"):
-        assert f"from .{stem} import" in entry
+    # diffusers' loader fetches only the siblings the named file imports as `from .name import ...` (one level deep);
+    # the scheduler file names every file it needs that way, so it is recorded itself (no loader entry file).
+    assert index["scheduler"] == ["scheduling_tutorial_ddim", "TutorialDDIMScheduler"]
+    named = (path / "scheduler" / "scheduling_tutorial_ddim.py").read_text()
+    for stem in ("tutorial_discrete_base", "tutorial_math", "tutorial_scheduler_output"):
+        assert f"from .{stem} import" in named
+    assert not list(path.glob("**/*_entry.py"))
     sched_dir = os.path.dirname(schedulers.__file__)
     for name in SCHEDULER_SOURCES:  # byte-identical copies of our sources
         assert filecmp.cmp(os.path.join(sched_dir, name), path / "scheduler" / name, shallow=False)
@@ -117,8 +116,10 @@ def test_folder_is_self_contained(folders):
 
 def test_ddpm_scheduler_ships_only_what_it_imports(folders):
     shipped = {p.name for p in (folders["ours_ddpm"] / "scheduler").glob("*.py")}
-    shipped.discard("scheduling_tutorial_ddpm_entry.py")
-    assert shipped == {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
+    expected = {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
+    assert shipped == expected | {"tutorial_scheduler_output.py"}
+    index = json.loads((folders["ours_ddpm"] / "model_index.json").read_text())
+    assert index["scheduler"] == ["scheduling_tutorial_ddpm", "TutorialDDPMScheduler"]
 
 
 def test_diffusers_scheduler_keeps_the_diffusers_entry(folders):
@@ -250,7 +251,7 @@ def test_a_remote_code_loads_and_reproduces_images_without_our_packages(only_dif
     assert res["diffusers_ddim"]["scheduler"] == "diffusers.schedulers.scheduling_ddim.DDIMScheduler"
     assert res["diffusers_ddim"]["max_diff"] == 0.0
     assert res["ours_pf_ode"]["scheduler"].endswith("scheduling_tutorial_pf_ode.TutorialPFODEScheduler")
-    assert res["ours_pf_ode"]["max_diff"] == 0.0  # two levels of sibling imports (tutorial_continuous -> math)
+    assert res["ours_pf_ode"]["max_diff"] == 0.0  # four siblings, all named by scheduling_tutorial_pf_ode.py itself
     for name, cls_name in (
         ("class_cond", "pipeline_tutorial_class_conditional.TutorialClassConditionalPipeline"),
         ("inversion", "pipeline_tutorial_ddim_inversion.TutorialDDIMInversionPipeline"),
