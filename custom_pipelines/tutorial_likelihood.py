@@ -18,14 +18,30 @@ from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
+from schedulers import TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
-from schedulers.scheduling_tutorial_pf_ode import dormand_prince
+from schedulers.tutorial_ode import dormand_prince
 
 DECODERS = ("discretized", "gaussian")
 TRACE_ESTIMATORS = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 # 8-bit data scaled to [-1, 1]: x = k / 127.5 - 1, bins of width 2/255 (DDPM Sec. 3.3).
 BIN_HALF_WIDTH = 1.0 / 255.0
+
+
+def schedule_of(scheduler):
+    """The schedule (the ᾱ table and prediction type) the likelihoods read for any scheduler.
+
+    Args:
+        scheduler: a scheduler of ours, returned as it is, or a diffusers scheduler, read through its config (the
+            config keys are shared, so `TutorialDDPMScheduler.from_config` rebuilds the same ᾱ table).
+
+    Returns:
+        A scheduler of ours with `alpha_bar` and `config.prediction_type`.
+    """
+    if getattr(scheduler, "alpha_bar", None) is not None:
+        return scheduler
+    return TutorialDDPMScheduler.from_config(scheduler.config)
 
 
 def _schedule(schedule) -> Tuple[torch.Tensor, str]:

@@ -15,9 +15,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import tutorial_math as tm
-from .scheduling_tutorial_ddpm import TutorialSchedulerOutput
 from .tutorial_discrete_base import TutorialDiscreteScheduler
+from .tutorial_math import eps_to_x0, model_output_to_x0_eps, q_posterior_coefs, x0_to_eps
+from .tutorial_scheduler_output import TutorialSchedulerOutput
 
 
 class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMixin):
@@ -81,7 +81,7 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         return {
             "alpha_bar": alpha_bar.tolist(),
             "alpha_bar_prev": alpha_bar_prev.tolist(),
-            "posterior_variance": tm.q_posterior_coefs(alpha_bar, alpha_bar_prev)[2].tolist(),
+            "posterior_variance": q_posterior_coefs(alpha_bar, alpha_bar_prev)[2].tolist(),
         }
 
     def step(
@@ -120,10 +120,10 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         alpha_bar, alpha_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
 
         # 1. x̂_0 and ε̂ from the network's output (DDIM eq. (9) and its v/x_0 analogues), then clip.
-        x0, eps = tm.model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)
+        x0, eps = model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)
         x0 = self._keep_in_range(x0)
         if use_clipped_model_output:
-            eps = tm.x0_to_eps(sample, x0, alpha_bar)
+            eps = x0_to_eps(sample, x0, alpha_bar)
 
         # 2. σ_t(η) = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'}) (DDIM eq. (16)).
         sigma_eta = eta * math.sqrt(tables["posterior_variance"][i])
@@ -174,8 +174,8 @@ class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         self._check_shapes(model_output, sample)
         alpha_bar, alpha_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
         # ε̂ read at the model's own time t, then x̂_0 from the current level t' so the map is eq. (12) run backwards.
-        eps = tm.model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)[1]
-        x0 = tm.eps_to_x0(sample, eps, alpha_bar_prev)
+        eps = model_output_to_x0_eps(model_output, sample, alpha_bar, self.config.prediction_type)[1]
+        x0 = eps_to_x0(sample, eps, alpha_bar_prev)
         next_sample = math.sqrt(alpha_bar) * x0 + math.sqrt(1.0 - alpha_bar) * eps  # DDIM eq. (13), reversed
         if not return_dict:
             return next_sample, x0

@@ -5,7 +5,6 @@ grids and variance choices of Nichol & Dhariwal, arXiv:2102.09672.
 """
 
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -13,30 +12,17 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import tutorial_math as tm
 from .tutorial_discrete_base import TutorialDiscreteScheduler
+from .tutorial_math import check_choice, model_output_to_x0, q_posterior_coefs
+from .tutorial_scheduler_output import TutorialSchedulerOutput
 
 # σ_t² choices of diffusers' DDPMScheduler, with the same meanings (see `_log_variance`).
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # diffusers clamps β̃ before taking its log (β̃ = 0 on the last step); we keep the same floor.
 MIN_POSTERIOR_VARIANCE = 1e-20
-
-
-@dataclass
-class TutorialSchedulerOutput(BaseOutput):
-    """Output of a scheduler step.
-
-    Args:
-        prev_sample (`torch.Tensor`): x_{t'}, the sample at the grid's next (less noisy) timestep.
-        pred_original_sample (`torch.Tensor`): x̂_0, the model's estimate of the clean sample (after clipping).
-    """
-
-    prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
 
 
 class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMixin):
@@ -90,13 +76,13 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        tm.check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
         self._init_schedule()
         self.variance_type = variance_type
 
     def _tabulate(self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict:
         # (c_0, c_t) of DDPM eq. (7), log β̃ (floored as diffusers does) and log β of the (respaced) step.
-        coef_x0, coef_xt, posterior_variance = tm.q_posterior_coefs(alpha_bar, alpha_bar_prev)
+        coef_x0, coef_xt, posterior_variance = q_posterior_coefs(alpha_bar, alpha_bar_prev)
         return {
             "alpha_bar": alpha_bar.tolist(),
             "coef_x0": coef_x0.tolist(),
@@ -155,7 +141,7 @@ class TutorialDDPMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMix
             predicted_variance = None
 
         # 1. x̂_0 from the network's output (DDPM eq. (15) for ε; Salimans & Ho App. D for v), then clip.
-        x0 = tm.model_output_to_x0(model_output, sample, tables["alpha_bar"][i], self.config.prediction_type)
+        x0 = model_output_to_x0(model_output, sample, tables["alpha_bar"][i], self.config.prediction_type)
         x0 = self._keep_in_range(x0)
 
         # 2. Posterior mean μ̃_t(x_t, x̂_0) = c_0 x̂_0 + c_t x_t (DDPM eq. (7)).

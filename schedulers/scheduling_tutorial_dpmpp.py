@@ -27,9 +27,12 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
-from . import tutorial_math as tm
-from .scheduling_tutorial_ddpm import TutorialSchedulerOutput
 from .tutorial_continuous import TutorialContinuousScheduler
+from .tutorial_math import STEP_PLACEMENTS, check_choice
+
+# `tune_timesteps`, first defined here, lives in the leaf `tutorial_ode.py`; it keeps its old import path.
+from .tutorial_ode import tune_timesteps  # noqa: F401  (re-exported)
+from .tutorial_scheduler_output import TutorialSchedulerOutput
 
 SOLVER_ORDERS = (1, 2, 3)
 
@@ -84,8 +87,8 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        tm.check_choice("solver_order", solver_order, SOLVER_ORDERS)
-        tm.check_choice("step_placement", step_placement, tm.STEP_PLACEMENTS)
+        check_choice("solver_order", solver_order, SOLVER_ORDERS)
+        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
         if not rho > 0:
             raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
@@ -171,83 +174,3 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         if not return_dict:
             return prev_sample, x0
         return TutorialSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
-
-
-def tune_timesteps(
-    scheduler,
-    model,
-    calibration_noise: torch.Tensor,
-    num_inference_steps: int,
-    sweeps: int = 12,
-    initial_step: float = 0.5,
-    reference: Optional[torch.Tensor] = None,
-    reference_tol: float = 1e-8,
-) -> List[float]:
-    """A tuned grid for `num_inference_steps` evaluations: minimise the distance to the exact PF-ODE sample.
-
-    In the spirit of "Align Your Steps" (Sabour et al. 2024, arXiv:2404.14507), but with the most direct objective:
-    the RMS distance, on a few calibration draws of x_{T-1}, between the sampler's output and the reference solution
-    of the same ODE (the adaptive solver at `reference_tol`). The N - 1 λ-increments of the grid are the softmax of
-    free parameters (so the grid stays ordered and keeps its endpoints); a compass search (each coordinate ±step,
-    step halved when no move helps) starts from the scheduler's own placement. Pass the result to
-    `set_timesteps(timesteps=...)` of a scheduler with the same config; evaluate on noise other than the calibration
-    noise.
-
-    Args:
-        scheduler: the scheduler to tune (its config: order, prediction type, schedule).
-        model (`Callable`): `model(x_t, t)`.
-        calibration_noise (`torch.Tensor`): x_{T-1} draws, shape (B, ...).
-        num_inference_steps (`int`): N ≥ 3.
-        sweeps (`int`, defaults to 12): passes over the coordinates.
-        initial_step (`float`, defaults to 0.5): initial change of a parameter (log-increment scale).
-        reference (`torch.Tensor`, *optional*): the exact samples for `calibration_noise`, if already known.
-        reference_tol (`float`, defaults to 1e-8): rtol = atol of the reference solve.
-
-    Returns:
-        `list[float]`: the tuned descending timesteps, T-1 first, 0 last.
-    """
-    from .scheduling_tutorial_pf_ode import solve_pf_ode
-
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 3:
-        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 3 to tune.")
-    if reference is None:
-        reference = solve_pf_ode(model, scheduler, calibration_noise, reference_tol, reference_tol, 10**6).sample
-    lam_table = scheduler.half_log_snr
-    lam_min, lam_max = float(lam_table[-1]), float(lam_table[0])
-    scheduler.set_timesteps(num_inference_steps)
-    start = torch.tensor(scheduler._lam if hasattr(scheduler, "_lam") else [], dtype=torch.float64)
-    if start.numel() != num_inference_steps:  # schedulers with stage points: start from the λ-uniform grid
-        start = torch.linspace(lam_min, lam_max, num_inference_steps, dtype=torch.float64)
-    theta = torch.log(start.diff())
-
-    def grid_of(theta: torch.Tensor) -> List[float]:
-        lam = lam_min + torch.cat([theta.new_zeros(1), torch.cumsum(torch.softmax(theta, 0), 0)]) * (lam_max - lam_min)
-        t = tm.timestep_at(lam.clamp(lam_min, lam_max), lam_table)
-        t[0], t[-1] = lam_table.numel() - 1, 0.0
-        return t.tolist()
-
-    def loss(theta: torch.Tensor) -> float:
-        grid = grid_of(theta)
-        if any(b >= a for a, b in zip(grid, grid[1:])):
-            return math.inf
-        scheduler.set_timesteps(timesteps=grid)
-        x = calibration_noise * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-        value = float((x - reference).pow(2).mean().sqrt())
-        return value if math.isfinite(value) else math.inf
-
-    best, step = loss(theta), initial_step
-    for _ in range(sweeps):
-        improved = False
-        for k in range(theta.numel()):
-            for sign in (1.0, -1.0):
-                trial = theta.clone()
-                trial[k] += sign * step
-                value = loss(trial)
-                if value < best:
-                    best, theta, improved = value, trial, True
-                    break
-        if not improved:
-            step /= 2
-    return grid_of(theta)

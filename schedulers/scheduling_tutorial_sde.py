@@ -31,9 +31,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import tutorial_math as tm
-from .scheduling_tutorial_ddpm import TutorialSchedulerOutput
 from .tutorial_continuous import TutorialContinuousScheduler
+from .tutorial_math import STEP_PLACEMENTS, check_choice, expand_to, half_log_snr_at
+from .tutorial_scheduler_output import TutorialSchedulerOutput
 
 SDE_TYPES = ("vp", "subvp", "ve")
 CORRECTORS = ("langevin", "none")
@@ -107,9 +107,9 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        tm.check_choice("sde_type", sde_type, SDE_TYPES)
-        tm.check_choice("corrector", corrector, CORRECTORS)
-        tm.check_choice("step_placement", step_placement, tm.STEP_PLACEMENTS)
+        check_choice("sde_type", sde_type, SDE_TYPES)
+        check_choice("corrector", corrector, CORRECTORS)
+        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
         if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
             raise ValueError(f"snr={snr!r} must be a finite number > 0 (Song et al. use 0.075-0.17).")
         if not isinstance(n_corrector_steps, int) or isinstance(n_corrector_steps, bool) or n_corrector_steps < 0:
@@ -182,10 +182,10 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         Returns:
             `torch.Tensor`: x_t in the SDE's scale.
         """
-        lam = tm.half_log_snr_at(torch.as_tensor(timesteps).cpu(), self.half_log_snr)
+        lam = half_log_snr_at(torch.as_tensor(timesteps).cpu(), self.half_log_snr)
         alpha, sigma, _, _ = sde_marginal(self.config.sde_type, lam)
         x = original_samples
-        return tm.expand_to(alpha.to(x.device), x) * x + tm.expand_to(sigma.to(x.device), x) * noise
+        return expand_to(alpha.to(x.device), x) * x + expand_to(sigma.to(x.device), x) * noise
 
     def step(
         self,

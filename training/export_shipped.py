@@ -7,7 +7,7 @@
 A shipped folder (a folder with a `model_index.json` under `training/pretrained/`) holds what training wrote (the
 weights and config in `unet/`, `scheduler/scheduler_config.json`, `README.md`, `metrics.json`, `samples/`) and what
 `save_pretrained` generated from the library: `model_index.json` and every `*.py` at the root or in a component folder
-(the pipeline's code, the scheduler's code, loader entry files). This script regenerates the second part with
+(the pipeline's code and the scheduler's code). This script regenerates the second part with
 `TutorialPipelineBase.save_code`, the function `save_pretrained` calls, so a shipped folder's code is exactly what a
 fresh save would write. The pipeline class is the one `model_index.json` names, each component's class the one its own
 config names; the UNet is built on the meta device, so no weights are read. Code files the library no longer ships

@@ -2,15 +2,19 @@
 
 import ast
 import filecmp
+import importlib
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 
 import pytest
 import torch
 import yaml
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, SchedulerMixin
+from diffusers.utils.dynamic_modules_utils import get_relative_imports
 
 import schedulers
 from custom_pipelines import (
@@ -28,9 +32,9 @@ STEPS = 5  # divides T = 1000, so diffusers' DDIM/DDPM grids agree with ours and
 SEED = 7
 SCHEDULER_SOURCES = (
     "scheduling_tutorial_ddim.py",
-    "scheduling_tutorial_ddpm.py",
     "tutorial_discrete_base.py",
     "tutorial_math.py",
+    "tutorial_scheduler_output.py",
 )
 
 
@@ -99,14 +103,13 @@ def test_folder_is_self_contained(folders):
     index = json.loads((path / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_tutorial_unconditional", "TutorialUnconditionalPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DModel"]
-    # diffusers' loader fetches only siblings imported as `from .name import ...` (it misses `from . import
-    # tutorial_math`); when the scheduler file does not name them all that way, an entry file that does is recorded.
-    module, cls_name = index["scheduler"]
-    assert cls_name == "TutorialDDIMScheduler"
-    assert module in ("scheduling_tutorial_ddim", "scheduling_tutorial_ddim_entry")
-    entry = (path / "scheduler" / f"{module}.py").read_text()
-    for stem in ("scheduling_tutorial_ddpm", "tutorial_discrete_base", "tutorial_math"):
-        assert f"from .{stem} import" in entry
+    # diffusers' loader fetches only the siblings the named file imports as `from .name import ...` (one level deep);
+    # the scheduler file names every file it needs that way, so it is recorded itself (no loader entry file).
+    assert index["scheduler"] == ["scheduling_tutorial_ddim", "TutorialDDIMScheduler"]
+    named = (path / "scheduler" / "scheduling_tutorial_ddim.py").read_text()
+    for stem in ("tutorial_discrete_base", "tutorial_math", "tutorial_scheduler_output"):
+        assert f"from .{stem} import" in named
+    assert not list(path.glob("**/*_entry.py"))
     sched_dir = os.path.dirname(schedulers.__file__)
     for name in SCHEDULER_SOURCES:  # byte-identical copies of our sources
         assert filecmp.cmp(os.path.join(sched_dir, name), path / "scheduler" / name, shallow=False)
@@ -117,8 +120,100 @@ def test_folder_is_self_contained(folders):
 
 def test_ddpm_scheduler_ships_only_what_it_imports(folders):
     shipped = {p.name for p in (folders["ours_ddpm"] / "scheduler").glob("*.py")}
-    shipped.discard("scheduling_tutorial_ddpm_entry.py")
-    assert shipped == {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
+    expected = {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
+    assert shipped == expected | {"tutorial_scheduler_output.py"}
+    index = json.loads((folders["ours_ddpm"] / "model_index.json").read_text())
+    assert index["scheduler"] == ["scheduling_tutorial_ddpm", "TutorialDDPMScheduler"]
+
+
+# ---- what diffusers' loader fetches: the named file must name its whole sibling closure ---------------------------------
+def _our_shipped_classes():
+    """Every scheduler and pipeline class of this project that `save_pretrained` ships as code."""
+    import custom_pipelines
+
+    found = [getattr(schedulers, n) for n in schedulers.__all__]
+    found += [getattr(custom_pipelines, n) for n in custom_pipelines.__all__]
+    return [
+        c
+        for c in found
+        if isinstance(c, type)
+        and issubclass(c, (SchedulerMixin, tutorial_pipeline_utils.TutorialPipelineBase))
+        and c is not tutorial_pipeline_utils.TutorialPipelineBase
+    ]
+
+
+def test_every_shipped_class_names_its_whole_sibling_closure_as_diffusers_detects():
+    """diffusers copies the siblings `get_relative_imports` finds in the named file, and no further: for each class we
+    ship, every file its module needs (transitively, as Python imports it) must be among them."""
+    classes = _our_shipped_classes()
+    names = {c.__name__ for c in classes}
+    assert {"TutorialDDPMScheduler", "TutorialDDIMScheduler", "TutorialPFODEScheduler"} <= names
+    assert {"TutorialDPMSolverPlusPlusScheduler", "TutorialScoreSDEScheduler", "TutorialRePaintPipeline"} <= names
+    for klass in classes:
+        source = inspect.getsourcefile(klass)
+        closure = {os.path.basename(p)[:-3] for p in tutorial_pipeline_utils._relative_import_closure(source)[1:]}
+        detected = set(get_relative_imports(source))
+        assert closure <= detected, f"{klass.__name__}: {os.path.basename(source)} does not name {closure - detected}"
+        assert set(tutorial_pipeline_utils._detected_by_diffusers(source)) == detected  # our copy of the regex
+
+
+def _write_package(root, name, files):
+    package = root / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for stem, text in files.items():
+        (package / f"{stem}.py").write_text(text)
+    return package
+
+
+SHIPPABLE_CLASS = "from diffusers import ConfigMixin, SchedulerMixin\n{imports}\n\nclass {name}(SchedulerMixin, ConfigMixin):\n    pass\n"
+
+
+@pytest.mark.parametrize(
+    "package, imports, missing",
+    [
+        ("zzz_pkg_plain", "from . import zzz_helper_a", ["zzz_helper_a"]),  # a form diffusers' regex does not see
+        ("zzz_pkg_deep", "from .zzz_helper_b import VALUE", ["zzz_helper_c"]),  # a sibling's sibling: one level only
+    ],
+)
+def test_a_class_whose_siblings_diffusers_would_miss_is_refused(tmp_path, monkeypatch, package, imports, missing):
+    _write_package(
+        tmp_path,
+        package,
+        {
+            "scheduling_zzz": SHIPPABLE_CLASS.format(imports=imports, name="ZzzScheduler"),
+            "zzz_helper_a": "VALUE = 1\n",
+            "zzz_helper_b": "from .zzz_helper_c import VALUE\n",
+            "zzz_helper_c": "VALUE = 2\n",
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    klass = importlib.import_module(f"{package}.scheduling_zzz").ZzzScheduler
+    target = tmp_path / "saved" / "scheduler"
+    with pytest.raises(
+        ValueError, match=rf"Cannot ship ZzzScheduler: .* {re.escape(str(missing))} .*scheduling_zzz\.py"
+    ):
+        tutorial_pipeline_utils._ship_module(klass, str(target))
+    assert not target.exists()  # refused before anything is written
+
+
+def test_a_class_that_names_its_siblings_ships_them_and_is_recorded_itself(tmp_path, monkeypatch):
+    _write_package(
+        tmp_path,
+        "zzz_pkg_ok",
+        {
+            "scheduling_zzz_ok": SHIPPABLE_CLASS.format(
+                imports="from .zzz_helper_b import VALUE\nfrom .zzz_helper_c import VALUE as OTHER", name="ZzzOk"
+            ),
+            "zzz_helper_b": "from .zzz_helper_c import VALUE\n",
+            "zzz_helper_c": "VALUE = 2\n",
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    klass = importlib.import_module("zzz_pkg_ok.scheduling_zzz_ok").ZzzOk
+    target = tmp_path / "saved" / "scheduler"
+    assert tutorial_pipeline_utils._ship_module(klass, str(target)) == "scheduling_zzz_ok"
+    assert sorted(p.name for p in target.iterdir()) == ["scheduling_zzz_ok.py", "zzz_helper_b.py", "zzz_helper_c.py"]
 
 
 def test_diffusers_scheduler_keeps_the_diffusers_entry(folders):
@@ -250,7 +345,7 @@ def test_a_remote_code_loads_and_reproduces_images_without_our_packages(only_dif
     assert res["diffusers_ddim"]["scheduler"] == "diffusers.schedulers.scheduling_ddim.DDIMScheduler"
     assert res["diffusers_ddim"]["max_diff"] == 0.0
     assert res["ours_pf_ode"]["scheduler"].endswith("scheduling_tutorial_pf_ode.TutorialPFODEScheduler")
-    assert res["ours_pf_ode"]["max_diff"] == 0.0  # two levels of sibling imports (tutorial_continuous -> math)
+    assert res["ours_pf_ode"]["max_diff"] == 0.0  # four siblings, all named by scheduling_tutorial_pf_ode.py itself
     for name, cls_name in (
         ("class_cond", "pipeline_tutorial_class_conditional.TutorialClassConditionalPipeline"),
         ("inversion", "pipeline_tutorial_ddim_inversion.TutorialDDIMInversionPipeline"),
@@ -359,6 +454,7 @@ def test_scheduler_module_not_yet_imported_is_found_by_its_file_name(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(tutorial_pipeline_utils, "_SCHEDULER_PACKAGE", "zzz_tutorial_pkg")
     assert "zzz_tutorial_pkg.scheduling_zzz" not in sys.modules
+    # Folders saved before the entry files went away record `<stem>_entry`; the installed `<stem>` is still found.
     klass = tutorial_pipeline_utils._find_class("ZzzShippedScheduler", "scheduler", "scheduling_zzz_entry")
     assert klass.__module__ == "zzz_tutorial_pkg.scheduling_zzz"
     with pytest.raises(ValueError, match="'NoSuchScheduler' named in model_index.json is neither"):
@@ -377,13 +473,16 @@ def test_shipped_files_import_only_what_diffusers_users_have():
     """Files copied into saved folders may import the standard library, torch, numpy, PIL, diffusers,
     huggingface_hub and each other (relatively), never our packages: they must run where only diffusers is installed."""
     allowed = {"torch", "numpy", "PIL", "diffusers", "huggingface_hub"} | set(sys.stdlib_module_names)
-    folder = os.path.dirname(tutorial_pipeline_utils.__file__)
-    shipped = [
-        f for f in sorted(os.listdir(folder)) if f.startswith(("pipeline_tutorial_", "tutorial_pipeline_utils"))
-    ]
-    assert len(shipped) >= 5
+    shipped = sorted(
+        {
+            path
+            for klass in _our_shipped_classes()
+            for path in tutorial_pipeline_utils._relative_import_closure(inspect.getsourcefile(klass))
+        }
+    )
+    assert len(shipped) >= 12  # 5 pipelines and their utilities, 5 schedulers, their bases, the math and helpers
     for name in shipped:
-        tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+        tree = ast.parse(open(name, encoding="utf-8").read())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 tops = [a.name.split(".")[0] for a in node.names]

@@ -625,36 +625,27 @@ def _detected_by_diffusers(path: str) -> List[str]:
 def _ship_module(klass: type, target_dir: str) -> str:
     """Copy the source of `klass` and its sibling dependencies into `target_dir`; return the module stem to record.
 
-    diffusers copies only the siblings it finds by regex in the named file and misses `from . import x`. When the
-    named file does not name all its dependencies that way, we write `<stem>_entry.py`, which does, and record it.
+    diffusers' remote-code loader copies only the siblings it finds by regex in the named file, one level deep (not the
+    siblings of those siblings, and not `from . import x`). So the named file must itself import, as
+    `from .name import ...`, every sibling it needs directly or indirectly; a file that does not is refused here, at
+    save time, rather than failing to load for a user of the folder.
     """
     source = inspect.getsourcefile(klass)
     if source is None:
         raise ValueError(f"Cannot ship {klass.__name__}: its source file is unknown (defined interactively?).")
-    os.makedirs(target_dir, exist_ok=True)
     files = _relative_import_closure(os.path.abspath(source))
+    needed = {os.path.splitext(os.path.basename(p))[0] for p in files[1:]}
+    missing = sorted(needed - set(_detected_by_diffusers(source)))
+    if missing:
+        raise ValueError(
+            f"Cannot ship {klass.__name__}: diffusers would not copy the sibling module(s) {missing} that "
+            f"{os.path.basename(source)} needs ({source}). Import each of them in that file as "
+            "`from .name import ...` (diffusers' loader sees only that form, and only in the named file)."
+        )
+    os.makedirs(target_dir, exist_ok=True)
     for path in files:
         shutil.copyfile(path, os.path.join(target_dir, os.path.basename(path)))
-    stem = os.path.splitext(os.path.basename(source))[0]
-    needed = {os.path.splitext(os.path.basename(p))[0] for p in files[1:]}
-    if needed <= set(_detected_by_diffusers(source)):
-        return stem
-    entry = f"{stem}_entry"
-    lines = [
-        f'"""Loader entry for `{klass.__name__}`, written by save_pretrained.',
-        "",
-        "diffusers fetches a remote module's siblings only when they are imported as `from .name import ...`; this",
-        f"file names every file `{stem}.py` needs that way, so that all of them are fetched.",
-        '"""',
-        "",
-        "from diffusers import ConfigMixin, SchedulerMixin  # noqa: F401",
-        "",
-        f"from .{stem} import {klass.__name__}  # noqa: F401",
-    ]
-    lines += [f"from .{n} import __name__ as _{n}_module  # noqa: F401" for n in sorted(needed)]
-    with open(os.path.join(target_dir, f"{entry}.py"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    return entry
+    return os.path.splitext(os.path.basename(source))[0]
 
 
 def _all_subclasses(base: type) -> List[type]:
@@ -685,6 +676,7 @@ def _find_class(class_name: str, component: str, module_stem: str = "") -> type:
         return klass
     candidates = _imported_classes(class_name)
     if not candidates and module_stem:
+        # Folders saved before the scheduler files named all their siblings record a loader `<stem>_entry` file.
         stem = module_stem[: -len("_entry")] if module_stem.endswith("_entry") else module_stem
         try:  # our package, when installed; where it is not, the error below says what to do
             importlib.import_module(f"{_SCHEDULER_PACKAGE}.{stem}")

@@ -106,13 +106,14 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         return self.pipeline_output(images, trajectory, pred_x0s, timesteps, return_trajectory, return_dict)
 
     # ---- likelihood: the tutorial's ELBO and the exact probability-flow-ODE likelihood --------------------------------
-    # The math lives in `custom_pipelines/tutorial_likelihood.py`, loaded on first use through importlib, so a folder
-    # shipped with this file still loads where only diffusers is installed (likelihoods then need this package).
+    # The math lives in `custom_pipelines/tutorial_likelihood.py`, loaded on first use. Not a plain import, on purpose:
+    # this file is shipped inside saved folders, where diffusers scans its import lines (`check_imports`) and tells the
+    # user to `pip install` every top-level name it cannot import (`custom_pipelines`; the distribution is called
+    # diffusion-tutorial). The folder loads where only diffusers is installed; likelihoods then need this package.
+    # tests/test_layering.py reads the string below as an import of `custom_pipelines.tutorial_likelihood`.
     def _likelihood_args(self):
         likelihood = importlib.import_module("custom_pipelines.tutorial_likelihood")
-        schedule = self.scheduler
-        if getattr(schedule, "alpha_bar", None) is None:  # a diffusers scheduler: read its config with ours
-            schedule = importlib.import_module("schedulers").TutorialDDPMScheduler.from_config(self.scheduler.config)
+        schedule = likelihood.schedule_of(self.scheduler)  # a diffusers scheduler is read through our DDPM's config
 
         def model(x_t: torch.Tensor, t) -> torch.Tensor:
             t = torch.as_tensor(t, device=x_t.device)
