@@ -62,31 +62,24 @@ from training.export import (  # noqa: F401
     ema_weights,
     evaluate_now,
     load_history,
-    make_pipeline,
     model_card_text,
     push,
     save_pipeline,
     validation_samples,
     write_metrics,
 )
-from training.model import build_model, check_resolution, default_unet_config  # noqa: F401
-from training.output_folder import LOSSES, METRICS  # noqa: F401
+from training.model import build_model, default_unet_config  # noqa: F401
+from training.output_folder import LOSSES
 from training.precision import Float32AttnProcessor, resolve_mixed_precision, use_float32_attention, uses_cpu  # noqa: F401
 from training.settings import (  # noqa: F401
-    PRESETS,
-    RUN_DEFINING_FLAGS,
     Settings,
     make_scheduler,
     parse_args,
     recorded_flags,
     resolve_settings,
-    uses_digits,
 )
 
 logger = logging.getLogger("train_unconditional")
-
-TRAINING_STATE = ckpt.STATE_FILE
-
 
 # The loss must have fallen by then: the mean of updates (N - 49 .. N) below LOSS_PLATEAU_RATIO x that of 1 .. 10.
 LOSS_PLATEAU_CHECK_UPDATE = 300
