@@ -60,8 +60,8 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0, pre
     import datasets
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
+    from bench_utils import diffusers_step
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -101,19 +101,9 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0, pre
     start, cpu_start = time.perf_counter(), time.process_time()  # the loop, data loading in, evaluation out
     while step < steps:
         for batch in loader:
-            clean = batch["input"].to(weight_dtype)
-            noise = torch.randn(clean.shape, dtype=weight_dtype, device=clean.device)
-            t = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
-            noisy = noise_scheduler.add_noise(clean, noise, t)
-            with accelerator.accumulate(model):
-                loss = F.mse_loss(model(noisy, t).sample.float(), noise.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                ema.step(model.parameters())
-                optimizer.zero_grad()
+            diffusers_step(
+                batch["input"].to(weight_dtype), model, noise_scheduler, accelerator, optimizer, lr_scheduler, ema
+            )
             step += 1
             if eval_every and step % eval_every == 0:
                 t0 = time.perf_counter()

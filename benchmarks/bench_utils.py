@@ -100,7 +100,6 @@ def diffusers_loop(
     """
     import datasets
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
@@ -137,18 +136,7 @@ def diffusers_loop(
     while len(losses) < steps:
         for batch in loader:
             clean = batch["input"].to(weight_dtype)
-            noise = torch.randn(clean.shape, dtype=weight_dtype, device=clean.device)
-            t = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
-            noisy = noise_scheduler.add_noise(clean, noise, t)
-            with accelerator.accumulate(model):
-                loss = F.mse_loss(model(noisy, t).sample.float(), noise.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            ema.step(model.parameters())
+            loss = diffusers_step(clean, model, noise_scheduler, accelerator, optimizer, lr_scheduler, ema)
             losses.append(loss.detach().item())
             if len(losses) >= steps:
                 break
@@ -162,6 +150,31 @@ def diffusers_loop(
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "device": str(accelerator.device),
     }
+
+
+def diffusers_step(clean, model, noise_scheduler, accelerator, optimizer, lr_scheduler, ema):
+    """One update of diffusers' train_unconditional.py loop on a batch `clean` in [-1, 1]; returns the loss.
+
+    As that script: noise and timesteps drawn in the batch's dtype, ε-prediction MSE in float32 under
+    `accelerator.accumulate`, gradients clipped at 1.0, the EMA stepped after the update.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    noise = torch.randn(clean.shape, dtype=clean.dtype, device=clean.device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device).long()
+    noisy = noise_scheduler.add_noise(clean, noise, t)
+    with accelerator.accumulate(model):
+        loss = F.mse_loss(model(noisy, t).sample.float(), noise.float())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    if accelerator.sync_gradients:
+        ema.step(model.parameters())
+    return loss
 
 
 def ours_loop(folder: str, config_path: str, steps: int, batch_size: int, extra: List[str], output_dir: str) -> Dict:
