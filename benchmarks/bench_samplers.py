@@ -1,6 +1,7 @@
-"""Sampler accuracy on the exact Gaussian-mixture model: ours against diffusers 0.42.1, at 5-100 model evaluations.
+"""Sampler accuracy on the exact Gaussian-mixture model and on trained networks: ours against diffusers 0.42.1.
 
     python benchmarks/bench_samplers.py [--batch 1000] [--nfe 5 10 20 50 100] [--quick]
+        [--sections mixture trained] [--trained FOLDER ...] [--num_samples 512]
 
 Problems: the 2-D ring and a 64-dimensional random mixture, each under the linear and the cosine
 (squaredcos_cap_v2) schedule. Every scheduler is driven by the same exact network (`GaussianMixture.model`: the
@@ -15,6 +16,12 @@ makes at most that many evaluations):
   sample sets of the same size (the noise floor).
 For each diffusers scheduler the best of its variants (timestep_spacing linspace / leading / trailing, and Karras
 sigmas where it has them) is reported at each NFE, which is the most favourable comparison for diffusers.
+
+Trained networks (`--sections trained`): saved pipeline folders (default: the shipped `training/pretrained/digits-ddpm`;
+add e.g. a v-prediction digits model trained with `training/train_unconditional.py --prediction_type v_prediction`).
+Every scheduler is built with `from_config(saved scheduler config)` and nothing else, except the diffusers setups'
+named options; the metric is the digits Fréchet distance (`training.evaluate.digits_metrics`, lower is better) of
+`--num_samples` samples from the same x_T (seed 0), at 5, 10 and 20 model evaluations.
 """
 
 import argparse
@@ -31,6 +38,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
+    UNet2DModel,
     UniPCMultistepScheduler,
 )
 
@@ -61,13 +69,18 @@ class Tuned:
 def ours(cfg, model, calibration_noise):
     """name -> (list of scheduler variants, deterministic?)."""
     dpm = TutorialDPMSolverPlusPlusScheduler
+    ends = {"few_step_interior": False}  # the grid with both end points at every N
     return {
         "ours DPM++ 2M tuned": ([Tuned(dpm.from_config(cfg, solver_order=2), model, calibration_noise)], True),
         "ours DPM++ 3M tuned": ([Tuned(dpm.from_config(cfg, solver_order=3), model, calibration_noise)], True),
-        "ours DPM++ 2M logsnr": ([dpm.from_config(cfg, solver_order=2)], True),
-        "ours DPM++ 3M logsnr": ([dpm.from_config(cfg, solver_order=3)], True),
-        "ours DPM++ 3M karras": ([dpm.from_config(cfg, solver_order=3, step_placement="karras")], True),
-        "ours DPM++ 3M time_uniform": ([dpm.from_config(cfg, solver_order=3, step_placement="time_uniform")], True),
+        "ours DPM++ 2M (defaults)": ([dpm.from_config(cfg)], True),
+        "ours DPM++ 2M logsnr": ([dpm.from_config(cfg, solver_order=2, step_placement="logsnr", **ends)], True),
+        "ours DPM++ 3M logsnr": ([dpm.from_config(cfg, solver_order=3, step_placement="logsnr", **ends)], True),
+        "ours DPM++ 3M karras": ([dpm.from_config(cfg, solver_order=3, step_placement="karras", **ends)], True),
+        "ours DPM++ 3M time_uniform": (
+            [dpm.from_config(cfg, solver_order=3, step_placement="time_uniform", **ends)],
+            True,
+        ),
         "ours PF-ODE heun karras": ([TutorialPFODEScheduler.from_config(cfg, solver="heun")], True),
         "ours PF-ODE rk4 logsnr": (
             [TutorialPFODEScheduler.from_config(cfg, solver="rk4", step_placement="logsnr")],
@@ -247,14 +260,75 @@ def likelihood_accuracy(name, gmm, beta_schedule, n_points=32):
         )
 
 
+def trained_setups(cfg):
+    """name -> a fresh scheduler built from the saved config (ours with nothing else; diffusers' named setups)."""
+    dpm = TutorialDPMSolverPlusPlusScheduler
+    return {
+        "ours DPM++ 2M (defaults)": lambda: dpm.from_config(cfg),
+        "ours DPM++ 2M logsnr, end points (before)": lambda: dpm.from_config(
+            cfg, step_placement="logsnr", few_step_interior=False
+        ),
+        "ours DPM++ 3M (defaults otherwise)": lambda: dpm.from_config(cfg, solver_order=3),
+        "diffusers DPM++ 2M (default)": lambda: DPMSolverMultistepScheduler.from_config(cfg),
+        "diffusers DPM++ 2M Karras": lambda: DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
+        "diffusers UniPC": lambda: UniPCMultistepScheduler.from_config(cfg),
+        "diffusers DDIM trailing": lambda: DDIMScheduler.from_config(cfg, timestep_spacing="trailing"),
+        "diffusers Euler Karras": lambda: EulerDiscreteScheduler.from_config(cfg, use_karras_sigmas=True),
+    }
+
+
+def run_trained(folder, num_samples, nfes):
+    """Digits Fréchet distance of each setup at each budget on the network saved in `folder`; returns the rows."""
+    from training.evaluate import digits_metrics  # training code: only this section needs it
+
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+    cfg = DDIMScheduler.load_config(folder, subfolder="scheduler")
+    shape = (num_samples, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def model(x, t):
+        return unet(x, t).sample
+
+    print(f"\n## Trained network {folder} ({cfg['prediction_type']}, {num_samples} samples, seed 0): digits FD")
+    print("| sampler | " + " | ".join(f"{n} evaluations" for n in nfes) + " |")
+    print("|---|" + "---|" * len(nfes))
+    rows = {}
+    for label, make in trained_setups(cfg).items():
+        row = {}
+        for nfe in nfes:
+            x, evals = loop(make(), model, x_T, nfe)
+            if evals != nfe:
+                raise RuntimeError(f"{label} made {evals} evaluations for num_inference_steps={nfe}")
+            row[nfe] = digits_metrics(x.clamp(-1, 1))["frechet_distance"]
+        rows[label] = row
+        print(f"| {label} | " + " | ".join(f"{row[n]:.1f}" for n in nfes) + " |", flush=True)
+    for n in nfes:
+        ours_default = rows["ours DPM++ 2M (defaults)"][n]
+        best, best_label = min((r[n], lbl) for lbl, r in rows.items() if lbl.startswith("diffusers"))
+        verdict = "met" if ours_default <= best else "NOT met"
+        print(
+            f"{n:3d} evaluations: ours (defaults) {ours_default:.1f}; best diffusers {best_label} {best:.1f}: {verdict}"
+        )
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
-    parser.add_argument("--quick", action="store_true", help="ring + linear only")
+    parser.add_argument("--quick", action="store_true", help="ring + linear only; 32 samples of a trained network")
+    parser.add_argument("--sections", nargs="+", choices=("mixture", "trained"), default=["mixture", "trained"])
+    parser.add_argument("--trained", nargs="+", default=["training/pretrained/digits-ddpm"], help="pipeline folders")
+    parser.add_argument("--num_samples", type=int, default=512, help="samples per trained-network setup")
     args = parser.parse_args()
     torch.set_num_threads(1)  # thousands of small evaluations: one thread avoids intra-op overhead
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.machine()}, 1 thread")
+    if "trained" in args.sections:
+        for folder in args.trained:
+            run_trained(folder, 32 if args.quick else args.num_samples, [5, 10, 20])
+    if "mixture" not in args.sections:
+        return
     problems = [("2-D ring", GaussianMixture.ring()), ("64-D mixture", GaussianMixture.random(dim=64, num_modes=5))]
     schedules = ["linear", "squaredcos_cap_v2"]
     if args.quick:

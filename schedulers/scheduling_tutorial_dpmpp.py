@@ -16,6 +16,15 @@ Order 1 is DDIM. The first steps use the order the history allows (1, then 2).
 
 Time: this module's continuous schedule (see `tutorial_continuous.py`): λ linear between integer timesteps, the
 model fed fractional timesteps; the grid runs from t = T-1 to t = 0 and the last entry (t = 0) returns x̂_0.
+
+Few steps (N < `FEW_STEPS` evaluations, `few_step_interior=True`): on a trained network both end points of that
+grid waste an evaluation. At t = T-1 the network's prediction is at its worst and the first step is the largest; at
+t = 0 the evaluation only returns x̂_0 ≈ x_0. So the N evaluations go to the N interior points of the placement's
+N + 2-point grid: the loop starts from x ~ N(0, I) at the first of them (ᾱ there is ~1e-4, the same approximation
+as diffusers' "leading" spacing), and the last update is the first-order step to σ = 0, which returns x̂_0 of the
+last evaluation (diffusers' `final_sigmas_type="zero"` with `lower_order_final`). Measured on the shipped digits
+network in notebook 09 and `benchmarks/bench_samplers.py`. From `FEW_STEPS` on, the end points come back, so the
+convergence order on an exact model is untouched.
 """
 
 import math
@@ -35,13 +44,16 @@ from .tutorial_ode import tune_timesteps  # noqa: F401  (re-exported)
 from .tutorial_scheduler_output import TutorialSchedulerOutput
 
 SOLVER_ORDERS = (1, 2, 3)
+FEW_STEPS = 15  # below this many evaluations the grid keeps only its interior points (module docstring)
 
 
 class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerMixin, ConfigMixin):
     """DPM-Solver++ multistep sampler (Lu et al. 2022b, Alg. 2 generalised to order 3), deterministic.
 
     `set_timesteps(N)` builds N grid points from t = T-1 to t = 0; a sampling loop makes N model evaluations: N - 1
-    multistep updates and, at t = 0, the final denoised x̂_0. Config keys shared with DDPM/DDIM keep diffusers' names
+    multistep updates and, at t = 0, the final denoised x̂_0. With N < `FEW_STEPS` (and `few_step_interior`) the N
+    points are the interior of the placement's N + 2-point grid and the last evaluation returns x̂_0 (module
+    docstring). Config keys shared with DDPM/DDIM keep diffusers' names
     and meanings, so `TutorialDPMSolverPlusPlusScheduler.from_config(ddpm.config)` works.
 
     Args:
@@ -52,9 +64,10 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         trained_betas (`list[float]`, *optional*): explicit β_t, overriding `beta_schedule`.
         prediction_type (`str`, defaults to `"epsilon"`): `epsilon`, `sample` or `v_prediction`.
         solver_order (`int`, defaults to 2): 1 (DDIM), 2 (DPM-Solver++(2M)) or 3 (3M).
-        step_placement (`str`, defaults to `"logsnr"`): `logsnr` (uniform in λ), `karras` (Karras et al. 2022
+        step_placement (`str`, defaults to `"karras"`): `logsnr` (uniform in λ), `karras` (Karras et al. 2022
             eq. (5), exponent `rho`) or `time_uniform` (uniform in t). A tuned grid can be passed to
-            `set_timesteps(timesteps=...)`.
+            `set_timesteps(timesteps=...)`. `karras` with `few_step_interior` is the best few-step choice measured on
+            trained networks (`benchmarks/RESULTS.md`).
         rho (`float`, defaults to 7.0): Karras' ρ.
         thresholding (`bool`, defaults to `False`): Imagen's dynamic thresholding of x̂_0.
         dynamic_thresholding_ratio (`float`, defaults to 0.995): its quantile.
@@ -63,6 +76,8 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             `step_placement`.
         steps_offset (`int`, defaults to 0): accepted for config compatibility; unused.
         rescale_betas_zero_snr (`bool`, defaults to `False`): must be False (λ_{T-1} = -∞ has no finite ODE interval).
+        few_step_interior (`bool`, defaults to `True`): below `FEW_STEPS` evaluations, evaluate only the interior
+            points of the grid and end with the step to σ = 0 (module docstring).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -78,7 +93,7 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
         prediction_type: str = "epsilon",
         solver_order: int = 2,
-        step_placement: str = "logsnr",
+        step_placement: str = "karras",
         rho: float = 7.0,
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
@@ -86,6 +101,7 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        few_step_interior: bool = True,
     ):
         check_choice("solver_order", solver_order, SOLVER_ORDERS)
         check_choice("step_placement", step_placement, STEP_PLACEMENTS)
@@ -99,14 +115,25 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[Sequence[float]] = None,
     ) -> None:
-        """Build the grid t_0 = T-1 > ... > t_{N-1} = 0 and its λ, α, σ values once.
+        """Build the grid t_0 = T-1 > ... > t_{N-1} = 0 (or, for few steps, its interior) and its λ, α, σ values once.
 
         Args:
-            num_inference_steps (`int`, *optional*): N ≥ 2 grid points = model evaluations.
+            num_inference_steps (`int`, *optional*): N ≥ 2 grid points = model evaluations. Below `FEW_STEPS`, with
+                `few_step_interior`, the N points are the interior of the placement's N + 2-point grid.
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
         """
-        grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
+        interior = (
+            self.config.few_step_interior
+            and timesteps is None
+            and isinstance(num_inference_steps, (int, np.integer))
+            and 2 <= num_inference_steps < FEW_STEPS
+        )
+        if interior:  # drop both end points of the N + 2-point grid (module docstring)
+            grid, lam = self._grid_from(num_inference_steps + 2, None, self.config.rho)
+            grid, lam = grid[1:-1].clone(), lam[1:-1].clone()
+        else:
+            grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
         alpha_bar = torch.sigmoid(2 * lam)
         # ---- the one block of mutable state ----------------------------------------------------------------------
         self._use_entries(grid, list(range(grid.numel())), int(grid.numel()), device)  # every grid point may start
@@ -155,7 +182,7 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             self._history = []
         # 1. The data prediction x̂_0 at λ_i (DPM-Solver++ Sec. 4).
         x0, _ = self._x0_eps(model_output, sample, self._alpha_bar[i])
-        if i == len(self._lam) - 1:  # t = 0: return Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
+        if i == len(self._lam) - 1:  # last entry: the step to σ = 0 returns Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
             return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
         self._history = (self._history + [(self._lam[i], x0)])[-self.config.solver_order :]
 

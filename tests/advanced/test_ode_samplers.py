@@ -26,11 +26,23 @@ def fitted_order(problem, scheduler, grid_sizes):
     return slope, errors
 
 
-# (scheduler factory, theoretical order, grid sizes in the asymptotic regime)
+# (scheduler factory, theoretical order, grid sizes in the asymptotic regime of the λ-uniform grid)
 SAMPLERS = {
-    "dpmpp1": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=1), 1, (20, 40, 80)),
-    "dpmpp2": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=2), 2, (20, 40, 80)),
-    "dpmpp3": (lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=3), 3, (80, 160, 320)),
+    "dpmpp1": (
+        lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=1, step_placement="logsnr"),
+        1,
+        (20, 40, 80),
+    ),
+    "dpmpp2": (
+        lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=2, step_placement="logsnr"),
+        2,
+        (20, 40, 80),
+    ),
+    "dpmpp3": (
+        lambda c: TutorialDPMSolverPlusPlusScheduler.from_config(c, solver_order=3, step_placement="logsnr"),
+        3,
+        (80, 160, 320),
+    ),
     "euler": (
         lambda c: TutorialPFODEScheduler.from_config(c, solver="euler", step_placement="logsnr"),
         1,

@@ -47,3 +47,9 @@ def test_bench_training_quick(tmp_path):
     _run("bench_training.py", "--quick", "--output", str(out))
     report = json.loads(out.read_text())
     assert report["throughput_ratio"] > 0
+
+
+def test_bench_samplers_trained_networks_quick():
+    stdout = _run("bench_samplers.py", "--quick", "--sections", "trained")
+    assert "ours DPM++ 2M (defaults)" in stdout and "diffusers UniPC" in stdout
+    assert stdout.count("evaluations: ours (defaults)") == 3  # 5, 10 and 20 evaluations
