@@ -70,9 +70,16 @@ def ours(cfg, model, calibration_noise):
     """name -> (list of scheduler variants, deterministic?)."""
     dpm = TutorialDPMSolverPlusPlusScheduler
     ends = {"few_step_interior": False}  # the grid with both end points at every N
+    logsnr = {"step_placement": "logsnr", **ends}  # tuning starts from the λ-uniform grid
     return {
-        "ours DPM++ 2M tuned": ([Tuned(dpm.from_config(cfg, solver_order=2), model, calibration_noise)], True),
-        "ours DPM++ 3M tuned": ([Tuned(dpm.from_config(cfg, solver_order=3), model, calibration_noise)], True),
+        "ours DPM++ 2M tuned": (
+            [Tuned(dpm.from_config(cfg, solver_order=2, **logsnr), model, calibration_noise)],
+            True,
+        ),
+        "ours DPM++ 3M tuned": (
+            [Tuned(dpm.from_config(cfg, solver_order=3, **logsnr), model, calibration_noise)],
+            True,
+        ),
         "ours DPM++ 2M (defaults)": ([dpm.from_config(cfg)], True),
         "ours DPM++ 2M logsnr": ([dpm.from_config(cfg, solver_order=2, step_placement="logsnr", **ends)], True),
         "ours DPM++ 3M logsnr": ([dpm.from_config(cfg, solver_order=3, step_placement="logsnr", **ends)], True),

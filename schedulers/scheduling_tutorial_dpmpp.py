@@ -123,17 +123,11 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
         """
-        interior = (
-            self.config.few_step_interior
-            and timesteps is None
-            and isinstance(num_inference_steps, (int, np.integer))
-            and 2 <= num_inference_steps < FEW_STEPS
-        )
-        if interior:  # drop both end points of the N + 2-point grid (module docstring)
-            grid, lam = self._grid_from(num_inference_steps + 2, None, self.config.rho)
+        grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)  # validated at the door
+        if self.config.few_step_interior and timesteps is None and grid.numel() < FEW_STEPS:
+            # few steps: the interior of the placement's N + 2-point grid (module docstring)
+            grid, lam = self._grid_from(grid.numel() + 2, None, self.config.rho)
             grid, lam = grid[1:-1].clone(), lam[1:-1].clone()
-        else:
-            grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
         alpha_bar = torch.sigmoid(2 * lam)
         # ---- the one block of mutable state ----------------------------------------------------------------------
         self._use_entries(grid, list(range(grid.numel())), int(grid.numel()), device)  # every grid point may start

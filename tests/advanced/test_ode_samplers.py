@@ -102,7 +102,7 @@ def test_euler_in_sigma_bar_is_ddim_and_dpmpp1_is_ddim(ring_problem):
     for s in (
         TutorialPFODEScheduler.from_config(ring_problem.ddpm.config, solver="euler", step_placement="time_uniform"),
         TutorialDPMSolverPlusPlusScheduler.from_config(
-            ring_problem.ddpm.config, solver_order=1, step_placement="time_uniform"
+            ring_problem.ddpm.config, solver_order=1, step_placement="time_uniform", few_step_interior=False
         ),
     ):
         ours = diffusers_loop(s, ring_problem.model, ring_problem.x_T, 4)
@@ -199,3 +199,39 @@ def test_thresholding_keeps_the_output_in_range(ring_problem):
     clipped = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, thresholding=True)
     assert float(diffusers_loop(plain, model, ring_problem.x_T, 8).abs().max()) > 1.5
     assert float(diffusers_loop(clipped, model, ring_problem.x_T, 8).abs().max()) <= 1.0 + 1e-12
+
+
+def test_few_step_grid_skips_both_end_points_and_ends_with_the_step_to_sigma_zero(ring_problem):
+    """Below FEW_STEPS evaluations DPM-Solver++ evaluates the interior of the N + 2-point grid (issue #15).
+
+    Neither t = T-1 (the network's worst x̂_0, the largest first step) nor t = 0 (an evaluation that only returns
+    x̂_0 ≈ x_0) is evaluated; the last step returns the x̂_0 of the last evaluation, diffusers' first-order step to
+    σ = 0. From FEW_STEPS on, and for a custom grid, both end points stay.
+    """
+    from schedulers.scheduling_tutorial_dpmpp import FEW_STEPS
+
+    cfg = ring_problem.ddpm.config
+    s = TutorialDPMSolverPlusPlusScheduler.from_config(cfg)
+    full = TutorialDPMSolverPlusPlusScheduler.from_config(cfg, few_step_interior=False)
+    for n in (2, 5, FEW_STEPS - 1):
+        s.set_timesteps(n)
+        full.set_timesteps(n + 2)
+        assert len(s.timesteps) == n
+        assert torch.equal(s.timesteps, full.timesteps[1:-1])  # the interior, same placement
+        assert 0 < float(s.timesteps[-1]) and float(s.timesteps[0]) < 999
+    s.set_timesteps(FEW_STEPS)
+    assert float(s.timesteps[0]) == 999 and float(s.timesteps[-1]) == 0
+    s.set_timesteps(timesteps=[999.0, 500.0, 0.0])
+    assert s.timesteps.tolist() == [999.0, 500.0, 0.0]
+    # The last step is the step to σ = 0: it returns the x̂_0 of the last evaluation.
+    s.set_timesteps(5)
+    x = ring_problem.x_T
+    for t in s.timesteps[:-1]:
+        x = s.step(ring_problem.model(x, t), t, x).prev_sample
+    t = s.timesteps[-1]
+    out = s.step(ring_problem.model(x, t), t, x)
+    assert torch.equal(out.prev_sample, out.pred_original_sample)
+    # It beats the grid with both end points at 5 evaluations on the exact model too.
+    err_interior = ring_problem.error(diffusers_loop(s, ring_problem.model, ring_problem.x_T, 5), s)
+    err_full = ring_problem.error(diffusers_loop(full, ring_problem.model, ring_problem.x_T, 5), full)
+    assert err_interior < err_full, (err_interior, err_full)

@@ -16,7 +16,7 @@ from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler
 from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler, sde_marginal
 
 WALKERS = [
-    (TutorialDPMSolverPlusPlusScheduler, {"solver_order": 3}),
+    (TutorialDPMSolverPlusPlusScheduler, {"solver_order": 3, "few_step_interior": False}),  # end points at every N
     (TutorialPFODEScheduler, {"solver": "rk4"}),
     (TutorialScoreSDEScheduler, {"corrector": "langevin", "n_corrector_steps": 2}),
 ]
