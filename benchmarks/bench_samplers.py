@@ -315,7 +315,7 @@ def run_trained(folder, num_samples, nfes):
         best, best_label = min((r[n], lbl) for lbl, r in rows.items() if lbl.startswith("diffusers"))
         verdict = "met" if ours_default <= best else "NOT met"
         print(
-            f"{n:3d} evaluations: ours (defaults) {ours_default:.1f}; best diffusers {best_label} {best:.1f}: {verdict}"
+            f"{n:3d} evaluations: ours (defaults) {ours_default:.2f}; best diffusers {best_label} {best:.2f}: {verdict}"
         )
     return rows
 
