@@ -127,7 +127,8 @@ def _fd_of_ema(unet, ema, scheduler_config) -> float:
     import torch
 
     from schedulers import TutorialDDIMScheduler
-    from training.evaluate import digits_metrics, sample_sharded
+    from training.metrics import digits_metrics
+    from training.sampling import sample_sharded
 
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())

@@ -33,7 +33,9 @@ from custom_pipelines import TutorialUnconditionalPipeline
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
 from training.data import load_digits_tensors
-from training.evaluate import digits_metrics, make_grid, sample_sharded
+from training.grids import make_grid
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 SHIPPED = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"

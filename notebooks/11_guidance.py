@@ -40,7 +40,9 @@ from custom_pipelines import TutorialClassConditionalPipeline
 from custom_pipelines.pipeline_tutorial_class_conditional import guided_output
 from schedulers import TutorialDDIMScheduler
 from schedulers.gaussian_mixture import GaussianMixture
-from training.evaluate import digits_metrics, make_grid, sample_sharded
+from training.grids import make_grid
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 PRETRAINED = Path("..") / "training" / "pretrained" / "digits-cfg"
