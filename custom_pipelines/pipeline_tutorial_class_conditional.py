@@ -6,7 +6,7 @@ label K = num_class_embeds - 1 (the unconditional branch). At sampling time the 
 which is linear in the model output, so the same mix applies to x_0- and v-predictions.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -14,6 +14,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import TutorialPipelineBase, TutorialPipelineOutput
 
 

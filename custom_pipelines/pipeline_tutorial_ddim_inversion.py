@@ -16,7 +16,12 @@ from typing import List, Optional, Union
 import torch
 from diffusers.utils import BaseOutput
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import ImageInput, TutorialPipelineOutput
 
 

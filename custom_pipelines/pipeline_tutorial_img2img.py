@@ -8,7 +8,7 @@ the model's prior take over (realistic); at s = 1 only √ᾱ_{T-1} x_0 is left 
 x_{t_s} is close to a noisy real image in distribution once σ_{t_s} swamps the input's departure from the data.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 import numbers
@@ -18,6 +18,11 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import ImageInput, TutorialPipelineBase, TutorialPipelineOutput
 
 

@@ -7,7 +7,7 @@ q(x_t | x_{t'}) (eq. (11)) `jump_n_sample - 1` times at every `jump_length`-th l
 denoises again. The last level is x_0 itself, so the known region of the output is the input, exactly.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 import math
@@ -19,6 +19,11 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import ImageInput, TutorialPipelineBase, TutorialPipelineOutput
 
 MaskInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image]

@@ -6,7 +6,7 @@ as given, so second-order schedulers (Heun, `order = 2`) get their two evaluatio
 passes is the one that runs: it is never replaced.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 import importlib
@@ -15,6 +15,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import TutorialPipelineBase, TutorialPipelineOutput
 
 
