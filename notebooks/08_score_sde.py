@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import training
-from custom_pipelines import TutorialUnconditionalPipeline
+from custom_pipelines import TutorialUnconditionalPipeline, sample_loop
 from schedulers import TutorialDDPMScheduler, TutorialScoreSDEScheduler
 from schedulers import tutorial_math as tm
 from schedulers.gaussian_mixture import GaussianMixture
@@ -131,11 +131,7 @@ true_var = (mixture.weights * (mixture.variances[:, 0] + mixture.means[:, 0] ** 
 
 def sample(scheduler, num_inference_steps, seed=0):
     """The generic diffusers loop over `scheduler.timesteps` (corrector entries included): (x, NFE)."""
-    scheduler.set_timesteps(num_inference_steps)
-    generator = torch.Generator().manual_seed(seed)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
+    x = sample_loop(model, scheduler, x_T, num_inference_steps, generator=torch.Generator().manual_seed(seed))
     return x, len(scheduler.timesteps)
 
 

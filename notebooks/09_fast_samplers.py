@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import training
-from custom_pipelines import TutorialUnconditionalPipeline
+from custom_pipelines import TutorialUnconditionalPipeline, sample_loop
 from schedulers import (
     TutorialDDIMScheduler,
     TutorialDDPMScheduler,
@@ -60,10 +60,7 @@ MODEL = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
 
 def sample(scheduler, model, x_T, num_inference_steps=None, timesteps=None):
     """The generic diffusers loop: one `model` call per entry of `scheduler.timesteps`. Returns (x, NFE)."""
-    scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = sample_loop(model, scheduler, x_T, num_inference_steps, timesteps=timesteps)
     return x, len(scheduler.timesteps)
 
 
