@@ -77,6 +77,7 @@ family = {}
 for eta in etas:
     x = tm.q_sample(x0.expand(n_copies, -1, -1, -1), x_T_noise, alpha_bar[T - 1]).float()  # x_T ~ q(x_T | x_0)
     at_level = {}
+    # The loop written out (not `sample_loop`): it keeps x_t at the checked levels on the way down.
     for t in oracle.timesteps:
         if int(t) in checked_t:
             at_level[int(t)] = x
