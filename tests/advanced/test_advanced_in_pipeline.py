@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from custom_pipelines import TutorialUnconditionalPipeline
 from schedulers import TutorialDDPMScheduler
@@ -14,18 +13,8 @@ from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler
 
 
 @pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+def unet(unet_factory):
+    return unet_factory(sample_size=8, in_channels=1)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 from diffusers import UNet2DModel
 
@@ -18,11 +19,23 @@ PRETRAINED = ROOT / "training" / "pretrained" / "digits-ddpm"
 PRETRAINED_CFG = ROOT / "training" / "pretrained" / "digits-cfg"
 
 
-def test_shipped_model_is_small_and_samples_digits_with_ddim_10_steps():
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED) for f in fs)
-    assert size < 5_000_000
-    card = (PRETRAINED / "README.md").read_text()
-    assert "accelerate launch training/train_unconditional.py" in card
+@pytest.mark.parametrize(
+    "folder, command",
+    [
+        (PRETRAINED, "accelerate launch training/train_unconditional.py"),
+        (
+            PRETRAINED_CFG,
+            "accelerate launch training/train_unconditional.py --num_class_embeds 10 --cond_drop_prob 0.1",
+        ),
+    ],
+    ids=lambda v: getattr(v, "name", ""),
+)
+def test_shipped_model_is_small_and_its_card_names_the_training_command(folder, command):
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) < 5_000_000
+    assert command in (folder / "README.md").read_text()
+
+
+def test_shipped_model_samples_digits_with_ddim_10_steps():
     pipe = TutorialUnconditionalPipeline.from_pretrained(str(PRETRAINED))
     ddim = TutorialDDIMScheduler.from_config(pipe.scheduler.config)
     samples = sample_sharded(pipe.unet.eval(), ddim, 128, 10, seed=0)
@@ -33,10 +46,6 @@ def test_shipped_model_is_small_and_samples_digits_with_ddim_10_steps():
 
 
 def test_shipped_class_conditional_model_draws_the_requested_digit_and_guidance_helps():
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED_CFG) for f in fs)
-    assert size < 5_000_000
-    card = (PRETRAINED_CFG / "README.md").read_text()
-    assert "accelerate launch training/train_unconditional.py --num_class_embeds 10 --cond_drop_prob 0.1" in card
     pipe = TutorialClassConditionalPipeline.from_pretrained(str(PRETRAINED_CFG))
     labels = torch.arange(100) % 10
     accuracy = {}
