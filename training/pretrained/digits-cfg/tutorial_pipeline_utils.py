@@ -176,6 +176,36 @@ class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionP
             f"it first appeared in {culprit}."
         )
 
+    def finish_step(
+        self,
+        step_index: int,
+        timestep,
+        timesteps: Sequence,
+        step_output,
+        model_output: torch.Tensor,
+        trajectory: Optional[List[torch.Tensor]],
+        pred_x0s: List[Optional[torch.Tensor]],
+        callback,
+        tensor_inputs: Sequence[str],
+        local_vars: Dict,
+    ) -> torch.Tensor:
+        """The chores after scheduler step `step_index` of the grid `timesteps`; returns x_t for the next step.
+
+        `check_finite` on the new x_t, `record_step` when a trajectory is kept (`trajectory` is not None), and the
+        callback (`run_callback`, with the caller's `locals()` and the new x_t as `latents`), whose `latents` replace
+        x_t.
+        """
+        latents = step_output.prev_sample
+        self.check_finite(latents, model_output, step_index, timestep, len(timesteps))
+        if trajectory is not None:
+            self.record_step(trajectory, pred_x0s, latents, step_output)
+        if callback is not None:
+            outputs = self.run_callback(
+                callback, step_index, timestep, tensor_inputs, {**local_vars, "latents": latents}
+            )
+            latents = outputs.pop("latents", latents)
+        return latents
+
     @staticmethod
     def record_step(trajectory: List[torch.Tensor], pred_x0s: List[Optional[torch.Tensor]], latents, step_output):
         """Append x_t and the step's x̂_0 (None for schedulers that do not report one) to a trajectory, on CPU."""

@@ -96,14 +96,9 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
             model_input = self.scheduler.scale_model_input(latents, t)
             model_output = self.unet(model_input, t).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = out.prev_sample
-            self.check_finite(latents, model_output, i, t, len(timesteps))
-
-            if return_trajectory:
-                self.record_step(trajectory, pred_x0s, latents, out)
-            if callback_on_step_end is not None:
-                outputs = self.run_callback(callback_on_step_end, i, t, tensor_inputs, locals())
-                latents = outputs.pop("latents", latents)
+            latents = self.finish_step(
+                i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
+            )
 
         # 4. [-1, 1] -> images.
         images = self.postprocess(latents, output_type)
