@@ -53,6 +53,25 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {tuple(allowed)}.")
 
 
+def check_int(
+    name: str, value, minimum: int = 1, maximum: Optional[int] = None, maximum_name: str = "", reason: str = ""
+) -> int:
+    """Raise `ValueError` naming the argument, its value and the allowed range unless `value` is an int in range.
+
+    The range is [minimum, maximum] (no upper bound when `maximum` is None); `maximum_name` names where the upper bound
+    comes from (e.g. "num_train_timesteps") and `reason` why the range is what it is, both in the message. Booleans
+    are refused. Returns `value`.
+    """
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and minimum <= value and (maximum is None or value <= maximum):
+        return value
+    if maximum is None:
+        allowed = f">= {minimum}"
+    else:
+        allowed = f"in [{minimum}, {maximum_name + '=' if maximum_name else ''}{maximum}]"
+    raise ValueError(f"{name}={value!r} must be an integer {allowed}{f' ({reason})' if reason else ''}.")
+
+
 def as_integer(name: str, value, allowed: str = "") -> int:
     """`value` as a Python int if it is an integer of any kind (int, numpy integer, 0-d integer tensor), else raise.
 
@@ -133,9 +152,7 @@ def make_betas(
     Returns:
         `torch.Tensor`: float64 tensor of shape (T,).
     """
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer.")
-    T = num_train_timesteps
+    T = check_int("num_train_timesteps", num_train_timesteps, minimum=1)
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
         if betas.numel() != T:
@@ -218,8 +235,10 @@ def half_log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     return 0.5 * log_snr(alpha_bar)
 
 
-def alpha_bar_from_log_snr(log_snr_t: torch.Tensor) -> torch.Tensor:
-    """Invert `log_snr`: ᾱ = sigmoid(log SNR)."""
+def alpha_bar_from_log_snr(log_snr_t: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    """Invert `log_snr`: ᾱ = sigmoid(log SNR); with λ = ½ log SNR, ᾱ = sigmoid(2λ). A Python float gives a float."""
+    if isinstance(log_snr_t, float):
+        return 1.0 / (1.0 + math.exp(-log_snr_t))
     return torch.sigmoid(log_snr_t)
 
 
@@ -406,9 +425,8 @@ def spaced_timesteps(
     Built with numpy in float64 (a few microseconds: pipelines call this on every request).
     """
     check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-    T, N = num_train_timesteps, num_inference_steps
-    if not isinstance(N, int) or isinstance(N, bool) or not 1 <= N <= T:
-        raise ValueError(f"num_inference_steps={N!r} must be an integer in [1, num_train_timesteps={T}].")
+    T = num_train_timesteps
+    N = check_int("num_inference_steps", num_inference_steps, 1, T, maximum_name="num_train_timesteps")
     if timestep_spacing == "leading":
         grid = np.arange((N - 1) * (T // N) + steps_offset, steps_offset - 1, -(T // N), dtype=np.int64)
     elif timestep_spacing == "trailing":

@@ -5,7 +5,9 @@ Every import is seen: top-level and inner (`def f(): from x import y`), relative
 literal, an f-string or a module-level string constant); an argument it cannot read is itself a violation.
 
 Rules: the math (`schedulers/tutorial_math.py`) is a leaf; samplers sit side by side (each `scheduling_tutorial_*.py`
-imports only a base module, the math and leaf helpers, never another sampler); `schedulers` never imports
+imports only a base module, the math and leaf helpers, never another sampler); the likelihoods
+(`schedulers/tutorial_likelihood.py`) are plain functions beside the math that import only the math and the ODE
+helper, and no sampler imports them (pipelines do); `schedulers` never imports
 `custom_pipelines` or `training`; `custom_pipelines` never imports `training`. The shipped folders under
 `training/pretrained/` are generated copies of library files, checked by `training/export_shipped.py --check`
 (tests/training/test_shipped_code_in_sync.py), so they are not walked here.
@@ -43,6 +45,7 @@ SCHEDULER_SIBLINGS = {
     "tutorial_discrete_base": {MATH},
     "tutorial_continuous": {MATH},
     "gaussian_mixture": {MATH},  # exact test data for the tutorial and the tests
+    "tutorial_likelihood": {MATH, "tutorial_ode"},  # the ELBO and the PF-ODE likelihood: pf_ode_field, gaussian_kl
 }
 SAMPLER_PREFIX = "scheduling_tutorial_"
 SAMPLER_SIBLINGS = BASES | {MATH} | LEAF_HELPERS

@@ -13,12 +13,12 @@ import pytest
 import torch
 from advanced_helpers import Problem
 
-from custom_pipelines.tutorial_likelihood import (
+from schedulers.gaussian_mixture import GaussianMixture
+from schedulers.tutorial_likelihood import (
     ode_log_likelihood,
     variational_bound,
     variational_bound_dataset,
 )
-from schedulers.gaussian_mixture import GaussianMixture
 
 ODE_TOLERANCE_NATS = 1e-3
 
