@@ -10,7 +10,7 @@ arXiv:2206.00927) need a continuous ᾱ(t). Our definition, used by every file t
 This is exactly diffusers' Euler/Heun convention (`_sigma_to_t` interpolates t linearly in log σ̄, and
 log σ̄ = -λ), so a network already sees such fractional timesteps there. At integer t it is the table itself, so
 an exact model of the table (`GaussianMixture.model`) is also exact for the continuous schedule once it reads ᾱ
-through `tm.alpha_bar_at` (see `continuous_exact_model`). The probability-flow ODE only depends on t through λ, so the
+through `tm.alpha_bar_at` (see `GaussianMixture.model`). The probability-flow ODE only depends on t through λ, so the
 kinks of λ(t) at integers never reach the solvers: they integrate in λ (or σ̄ = e^{-λ}), where everything is smooth.
 
 The sampled interval is t ∈ [0, T-1]: x_{T-1} ~ N(0, I) at the start, and the last model evaluation, at t = 0,
@@ -170,7 +170,7 @@ class TutorialContinuousScheduler:
     # ---- the continuous schedule -----------------------------------------------------------------------------------
     def alpha_bar_at(self, t) -> torch.Tensor:
         """ᾱ(t) for fractional t, the continuous schedule of this module (λ linear between integers)."""
-        return torch.sigmoid(2 * tm.half_log_snr_at(t, self.half_log_snr))
+        return tm.alpha_bar_from_log_snr(2 * tm.half_log_snr_at(t, self.half_log_snr))
 
     def _grid_from(self, num_inference_steps, timesteps, rho: float):
         """The descending float64 timestep grid from T-1 to 0 and its λ values (validated at the door)."""
@@ -185,10 +185,12 @@ class TutorialContinuousScheduler:
         if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        lam = tm.placement_half_log_snrs(num_inference_steps, self.half_log_snr, self.config.step_placement, rho)
-        grid = tm.timestep_at(lam, self.half_log_snr)
+        half_log_snr = tm.placement_half_log_snrs(
+            num_inference_steps, self.half_log_snr, self.config.step_placement, rho
+        )
+        grid = tm.timestep_at(half_log_snr, self.half_log_snr)
         grid[0], grid[-1] = T - 1, 0.0
-        return grid, lam
+        return grid, half_log_snr
 
     def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float):
         if tuple(model_output.shape) != tuple(sample.shape):
