@@ -28,11 +28,11 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import STEP_PLACEMENTS, alpha_bar_from_log_snr, check_choice
+from .tutorial_math import alpha_bar_from_log_snr, check_choice
 
 # `tune_timesteps`, first defined here, lives in the leaf `tutorial_ode.py`; it keeps its old import path.
 from .tutorial_ode import tune_timesteps  # noqa: F401  (re-exported)
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 SOLVER_ORDERS = (1, 2, 3)
 
@@ -88,9 +88,6 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("solver_order", solver_order, SOLVER_ORDERS)
-        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
-        if not rho > 0:
-            raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
 
     def set_timesteps(

@@ -25,7 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import STEP_PLACEMENTS, alpha_bar_from_log_snr, check_choice, half_log_snr_at, timestep_at
+from .tutorial_math import alpha_bar_from_log_snr, check_choice, half_log_snr_at, timestep_at
 
 # The adaptive solver, first defined here, lives in the leaf `tutorial_ode.py`; these names keep their old import path.
 from .tutorial_ode import (  # noqa: F401  (re-exported)
@@ -36,7 +36,7 @@ from .tutorial_ode import (  # noqa: F401  (re-exported)
     pf_ode_field,
     solve_pf_ode,
 )
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 # Butcher tableaus (nodes c in units of the step, stage matrix a, weights b) of the fixed-step solvers.
 PF_ODE_SOLVERS = ("euler", "heun", "rk4")
@@ -95,9 +95,6 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("solver", solver, PF_ODE_SOLVERS)
-        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
-        if not rho > 0:
-            raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
         self.order = len(_TABLEAUS[solver][0])  # entries of `timesteps` per step, as diffusers' pipelines read it
 

@@ -32,8 +32,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import STEP_PLACEMENTS, alpha_bar_from_log_snr, check_choice, check_int, expand_to, half_log_snr_at
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_math import alpha_bar_from_log_snr, check_choice, check_int, expand_to, half_log_snr_at
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 SDE_TYPES = ("vp", "subvp", "ve")
 CORRECTORS = ("langevin", "none")
@@ -109,12 +109,9 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
     ):
         check_choice("sde_type", sde_type, SDE_TYPES)
         check_choice("corrector", corrector, CORRECTORS)
-        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
         if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
             raise ValueError(f"snr={snr!r} must be a finite number > 0 (Song et al. use 0.075-0.17).")
         check_int("n_corrector_steps", n_corrector_steps, minimum=0)
-        if not rho > 0:
-            raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
         _, sigma, _, _ = sde_marginal(sde_type, self.half_log_snr[-1:])
         self.init_noise_sigma = float(sigma[0])  # std of x_{T-1}: ~1 for VP / sub-VP, σ_max for VE
