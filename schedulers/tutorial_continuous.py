@@ -111,8 +111,8 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
         """
         self._ensure_grid()
         n = len(self._entry_t)
-        k = tm.as_integer("begin_index", begin_index, f"in [0, len(timesteps) - 1 = {n - 1}]")
-        if not 0 <= k < n or k not in self._starts:
+        k = tm.check_int("begin_index", begin_index, 0, n - 1, "len(timesteps) - 1")
+        if k not in self._starts:
             shown = self._starts[:6]
             raise ValueError(
                 f"begin_index={k} is not the first entry of a step of scheduler.timesteps; allowed: {shown}"
@@ -156,9 +156,7 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
         if timesteps is not None:
             grid = tm.check_custom_grid(timesteps, T)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        num_inference_steps = tm.check_int(
-            "num_inference_steps", tm.as_integer("num_inference_steps", num_inference_steps, ">= 2"), minimum=2
-        )
+        num_inference_steps = tm.check_int("num_inference_steps", num_inference_steps, minimum=2)
         if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)

@@ -98,7 +98,7 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
         if timesteps is None:
             n = num_inference_steps
             if type(n) is not int:
-                n = tm.as_integer("num_inference_steps", n, f"in [1, num_train_timesteps={T}]")
+                n = tm.check_int("num_inference_steps", n, 1, T, "num_train_timesteps")
             key = n
         else:
             key = ("custom", tuple(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps))
@@ -217,10 +217,7 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
             begin_index (`int`, defaults to 0): an entry of `timesteps`, in [0, len(timesteps) - 1].
         """
         n = len(self.timesteps)
-        k = tm.as_integer("begin_index", begin_index, f"in [0, len(timesteps) - 1 = {n - 1}]")
-        if not 0 <= k < n:
-            raise ValueError(f"begin_index={k} must lie in [0, len(timesteps) - 1 = {n - 1}].")
-        self._begin_index = k
+        self._begin_index = tm.check_int("begin_index", begin_index, 0, n - 1, "len(timesteps) - 1")
 
     @staticmethod
     def _check_shapes(model_output: torch.Tensor, sample: torch.Tensor, channels_factor: int = 1) -> None:

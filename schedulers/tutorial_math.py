@@ -57,35 +57,29 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
 def check_int(
     name: str, value, minimum: int = 1, maximum: Optional[int] = None, maximum_name: str = "", reason: str = ""
 ) -> int:
-    """Raise `ValueError` naming the argument, its value and the allowed range unless `value` is an int in range.
+    """`value` as a Python int if it is an integer in [minimum, maximum]; else a `ValueError` naming the argument, its
+    value and the allowed range.
 
-    The range is [minimum, maximum] (no upper bound when `maximum` is None); `maximum_name` names where the upper bound
-    comes from (e.g. "num_train_timesteps") and `reason` why the range is what it is, both in the message. Booleans
-    are refused. Returns `value`.
+    Any integer kind is accepted (an int, a numpy integer, a 0-d or one-element integer tensor, as pipelines pass);
+    booleans, floats (even integral ones) and larger tensors are refused. There is no upper bound when `maximum` is
+    None; `maximum_name` names where the upper bound comes from (e.g. "num_train_timesteps") and `reason` why the range
+    is what it is, both in the message.
     """
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if is_int and minimum <= value and (maximum is None or value <= maximum):
-        return value
+    number = None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    elif torch.is_tensor(value) and value.numel() == 1 and value.ndim <= 1:
+        if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            number = int(value)
+    if number is not None and minimum <= number and (maximum is None or number <= maximum):
+        return number
     if maximum is None:
         allowed = f">= {minimum}"
     else:
         allowed = f"in [{minimum}, {maximum_name + '=' if maximum_name else ''}{maximum}]"
-    raise ValueError(f"{name}={value!r} must be an integer {allowed}{f' ({reason})' if reason else ''}.")
-
-
-def as_integer(name: str, value, allowed: str = "") -> int:
-    """`value` as a Python int if it is an integer of any kind (int, numpy integer, 0-d integer tensor), else raise.
-
-    Booleans, floats (even integral ones) and tensors with more than one element are refused with a `ValueError`
-    naming the argument, its value and `allowed` (e.g. "in [1, 1000]").
-    """
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if torch.is_tensor(value) and value.numel() == 1 and value.ndim <= 1:
-        if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-            return int(value)
-    what = f"an integer {allowed}".rstrip()
-    raise ValueError(f"{name}={value!r} must be {what} (an int, a numpy integer or a 0-d integer tensor).")
+    notes = ([reason] if reason else []) + ([] if number is not None else ["an int, a numpy integer or 0-d tensor"])
+    why = f" ({'; '.join(notes)})" if notes else ""
+    raise ValueError(f"{name}={value!r} must be an integer {allowed}{why}.")
 
 
 def expand_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
