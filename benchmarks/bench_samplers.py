@@ -35,12 +35,12 @@ from diffusers import (
 )
 
 from custom_pipelines import sample_loop
-from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
 from schedulers import TutorialDDPMScheduler
 from schedulers.gaussian_mixture import GaussianMixture
 from schedulers.scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler, tune_timesteps
 from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler, solve_pf_ode
 from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler
+from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 
 SPACINGS = ("linspace", "leading", "trailing")
 TUNE_UP_TO_NFE = 20  # tuned placements are computed for budgets up to this (the search costs ~N² runs)

@@ -38,15 +38,16 @@ class TutorialInversionOutput(BaseOutput):
     trajectory: Optional[List[torch.Tensor]] = None
 
 
-def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float, eps: float = 1e-7) -> torch.Tensor:
-    """Spherical interpolation sin((1-α)θ)/sin θ · z0 + sin(αθ)/sin θ · z1, θ the angle between z0 and z1 per sample.
+def slerp(z0: torch.Tensor, z1: torch.Tensor, fraction: float, parallel_tol: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation sin((1-f)θ)/sin θ · z0 + sin(fθ)/sin θ · z1, θ the angle between z0 and z1 per sample.
 
-    Falls back to linear interpolation where z0 and z1 are (anti)parallel to `eps` (sin θ ≈ 0).
+    Falls back to linear interpolation where z0 and z1 are (anti)parallel to `parallel_tol` (sin θ ≈ 0).
 
     Args:
         z0 (`torch.Tensor`): shape (B, ...).
         z1 (`torch.Tensor`): same shape as `z0`.
-        alpha (`float`): position along the arc, 0 gives z0 and 1 gives z1.
+        fraction (`float`): f, the position along the arc: 0 gives z0 and 1 gives z1.
+        parallel_tol (`float`, defaults to 1e-7): |sin θ| below which the two are taken as parallel.
 
     Returns:
         `torch.Tensor` of the shape of `z0`.
@@ -57,10 +58,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float, eps: float = 1e-7) -
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     theta = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]
     sin = torch.sin(theta)
-    linear = sin.abs() < eps
+    linear = sin.abs() < parallel_tol
     safe_sin = torch.where(linear, torch.ones_like(sin), sin)
-    w0 = torch.where(linear, 1 - alpha * torch.ones_like(sin), torch.sin((1 - alpha) * theta) / safe_sin)
-    w1 = torch.where(linear, alpha * torch.ones_like(sin), torch.sin(alpha * theta) / safe_sin)
+    w0 = torch.where(linear, 1 - fraction * torch.ones_like(sin), torch.sin((1 - fraction) * theta) / safe_sin)
+    w1 = torch.where(linear, fraction * torch.ones_like(sin), torch.sin(fraction * theta) / safe_sin)
     return (w0 * a + w1 * b).reshape(z0.shape).to(z0.dtype)
 
 
@@ -155,8 +156,8 @@ class TutorialDDIMInversionPipeline(TutorialUnconditionalPipeline):
             if tuple(z.shape) != self.sample_shape(1):
                 raise ValueError(f"latents_{name} has shape {tuple(z.shape)}; expected {self.sample_shape(1)}.")
             ends.append(z.to(device=self._execution_device, dtype=self.unet.dtype))
-        alphas = torch.linspace(0, 1, num_points).tolist()
-        latents = torch.cat([slerp(ends[0], ends[1], a) for a in alphas])
+        fractions = torch.linspace(0, 1, num_points).tolist()
+        latents = torch.cat([slerp(ends[0], ends[1], f) for f in fractions])
         return self(
             batch_size=num_points,
             latents=latents / self.scheduler.init_noise_sigma,

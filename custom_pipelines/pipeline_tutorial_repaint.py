@@ -176,7 +176,7 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
             )
         n_steps = len(grid)
 
-        def timestep_at(level: int) -> int:
+        def timestep_of_level(level: int) -> int:
             return grid[n_steps - level] if level > 0 else -1
 
         def noise():
@@ -188,7 +188,7 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
 
         # 2. Walk the levels: down = reverse step joined with q(x_t | x_0) on the known region; up = re-noise.
         for i, (level, next_level) in enumerate(self.progress_bar(list(zip(levels[:-1], levels[1:])))):
-            t, t_next = timestep_at(level), timestep_at(next_level)
+            t, t_next = timestep_of_level(level), timestep_of_level(next_level)
             if next_level < level:
                 model_output = self.unet(self.scheduler.scale_model_input(x, t), t).sample
                 x_unknown = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample  # eq. (9)

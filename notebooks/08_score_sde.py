@@ -98,11 +98,11 @@ plt.show()
 # signal-to-noise ratio $\lambda$ (`sde_marginal`).
 
 # %%
-lam = tm.half_log_snr(ddpm.alpha_bar)  # λ_t = ½ log SNR_t of the network's timesteps
+half_log_snr = tm.half_log_snr(ddpm.alpha_bar)  # λ_t = ½ log SNR_t of the network's timesteps
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
 for sde_type in ("vp", "subvp", "ve"):
-    mean_coef, std, _, _ = sde_marginal(sde_type, lam)
-    ax1.plot(mean_coef, label=sde_type)
+    sqrt_alpha_bar, std, _, _ = sde_marginal(sde_type, half_log_snr)
+    ax1.plot(sqrt_alpha_bar, label=sde_type)
     ax2.semilogy(std, label=sde_type)
 ax1.set_title("mean coefficient of x_0 at the network's timestep t")
 ax2.set_title("standard deviation of the noise")

@@ -62,7 +62,7 @@ def test_save_and_load_round_trip(cls, tmp_path):
 
 def test_likelihoods_run_on_a_float32_unet(unet):
     """The likelihood functions take a real network (float32, fractional timesteps) and 8-bit images."""
-    from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
+    from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 
     def model(x, t):
         return unet(x, t).sample
@@ -92,7 +92,7 @@ def test_pipeline_likelihood_methods_equal_the_functions(unet):
     schedule; with a diffusers scheduler the schedule is read from its config."""
     from diffusers import DDIMScheduler
 
-    from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
+    from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 
     def model(x, t):
         return unet(x, t).sample

@@ -160,9 +160,11 @@ def test_add_noise_and_velocity_follow_the_continuous_schedule(ring_problem):
     t = torch.tensor([0, 10, 500, 999])
     torch.testing.assert_close(s.add_noise(x0, eps, t), ring_problem.ddpm.add_noise(x0, eps, t))
     torch.testing.assert_close(s.get_velocity(x0, eps, t), ring_problem.ddpm.get_velocity(x0, eps, t))
-    lam = s.half_log_snr
+    half_log_snr = s.half_log_snr
     t_half = torch.tensor([10.5])
-    alpha_bar = torch.sigmoid(lam[10] + lam[11])  # λ(10.5) is the mean of λ_10 and λ_11; ᾱ = sigmoid(2λ)
+    alpha_bar = torch.sigmoid(
+        half_log_snr[10] + half_log_snr[11]
+    )  # λ(10.5) is the mean of λ_10 and λ_11; ᾱ = sigmoid(2λ)
     torch.testing.assert_close(
         s.add_noise(x0[:1], eps[:1], t_half), alpha_bar.sqrt() * x0[:1] + (1 - alpha_bar).sqrt() * eps[:1]
     )

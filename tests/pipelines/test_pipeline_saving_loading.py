@@ -37,7 +37,7 @@ SCHEDULER_SOURCES = (
     "scheduling_tutorial_ddim.py",
     "tutorial_discrete_base.py",
     "tutorial_math.py",
-    "tutorial_scheduler_output.py",
+    "tutorial_scheduler_common.py",
 )
 
 
@@ -110,7 +110,7 @@ def test_folder_is_self_contained(folders):
     # the scheduler file names every file it needs that way, so it is recorded itself (no loader entry file).
     assert index["scheduler"] == ["scheduling_tutorial_ddim", "TutorialDDIMScheduler"]
     named = (path / "scheduler" / "scheduling_tutorial_ddim.py").read_text()
-    for stem in ("tutorial_discrete_base", "tutorial_math", "tutorial_scheduler_output"):
+    for stem in ("tutorial_discrete_base", "tutorial_math", "tutorial_scheduler_common"):
         assert f"from .{stem} import" in named
     assert not list(path.glob("**/*_entry.py"))
     sched_dir = os.path.dirname(schedulers.__file__)
@@ -130,7 +130,7 @@ def test_folder_is_self_contained(folders):
 def test_ddpm_scheduler_ships_only_what_it_imports(folders):
     shipped = {p.name for p in (folders["ours_ddpm"] / "scheduler").glob("*.py")}
     expected = {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
-    assert shipped == expected | {"tutorial_scheduler_output.py"}
+    assert shipped == expected | {"tutorial_scheduler_common.py"}
     index = json.loads((folders["ours_ddpm"] / "model_index.json").read_text())
     assert index["scheduler"] == ["scheduling_tutorial_ddpm", "TutorialDDPMScheduler"]
 
