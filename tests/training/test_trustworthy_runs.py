@@ -356,7 +356,10 @@ def test_a_loss_that_does_not_fall_warns_naming_the_learning_rate(tmp_path, tiny
     falling = [1.0 * 0.99**i for i in range(300)]
     settings = tu.resolve_settings(tu.parse_args([]))
     assert "--learning_rate (now 0.002" in loss_log.loss_plateau_warning(flat, settings)
-    assert loss_log.loss_plateau_warning(falling, settings) is None and loss_log.loss_plateau_warning(flat[:299], settings) is None
+    assert (
+        loss_log.loss_plateau_warning(falling, settings) is None
+        and loss_log.loss_plateau_warning(flat[:299], settings) is None
+    )
 
     monkeypatch.setattr(loss_log, "LOSS_PLATEAU_CHECK_UPDATE", 60)
     with caplog.at_level(logging.WARNING, logger="train_unconditional"):
