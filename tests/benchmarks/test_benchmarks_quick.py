@@ -47,3 +47,16 @@ def test_bench_training_quick(tmp_path):
     _run("bench_training.py", "--quick", "--output", str(out))
     report = json.loads(out.read_text())
     assert report["throughput_ratio"] > 0
+
+
+def test_bench_training_gpu_runs_every_section_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    stdout = _run("bench_training_gpu.py", "--device", "cpu", "--quick", "--output", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["train"]) == {"diffusers", "ours"}
+    assert report["train"]["diffusers"]["source"].startswith("re-created loop")  # and the output says so
+    assert "diffusers side: re-created loop" in stdout and "ours / diffusers" in stdout
+    for row in report["train"].values():
+        assert row["images_per_s"] > 0 and row["flops_per_image"] > 0 and row["loss_at_end"] > 0
+    rows = {k: v for k, v in report["sample"]["rows"].items() if k != "diffusers_failures"}
+    assert len(rows) == 6 and all(r["ours_s"] > 0 for r in rows.values())
