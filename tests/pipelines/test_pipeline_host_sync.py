@@ -15,6 +15,7 @@ from custom_pipelines import (
     TutorialClassConditionalPipeline,
     TutorialDDIMInversionPipeline,
     TutorialImg2ImgPipeline,
+    TutorialRePaintPipeline,
     TutorialUnconditionalPipeline,
 )
 from schedulers import (
@@ -62,6 +63,12 @@ def _sample(pipeline_cls, scheduler, steps: int, unet_factory):
         return pipe(class_labels=[0, 1], num_inference_steps=steps, guidance_scale=2.0, output_type="pt")
     if pipeline_cls is TutorialImg2ImgPipeline:
         return pipe(torch.rand(2, 3, 8, 8), strength=1.0, num_inference_steps=steps, output_type="pt")
+    if pipeline_cls is TutorialRePaintPipeline:
+        mask = torch.ones(2, 1, 8, 8)
+        mask[..., 4:] = 0
+        return pipe(
+            torch.rand(2, 3, 8, 8), mask, num_inference_steps=steps, jump_length=2, jump_n_sample=2, output_type="pt"
+        )
     if pipeline_cls is TutorialDDIMInversionPipeline:
         return pipe.invert(torch.rand(2, 3, 8, 8), num_inference_steps=steps)
     return pipe(batch_size=2, num_inference_steps=steps, output_type="pt")
@@ -90,7 +97,12 @@ def test_the_unconditional_loop_reads_nothing_from_the_device_per_step(host_read
 
 @pytest.mark.parametrize(
     "pipeline_cls",
-    [TutorialClassConditionalPipeline, TutorialImg2ImgPipeline, TutorialDDIMInversionPipeline],
+    [
+        TutorialClassConditionalPipeline,
+        TutorialImg2ImgPipeline,
+        TutorialDDIMInversionPipeline,
+        TutorialRePaintPipeline,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_every_sampling_loop_reads_nothing_from_the_device_per_step(host_reads, unet_factory, pipeline_cls):
