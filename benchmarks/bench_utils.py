@@ -231,29 +231,12 @@ def ours_loop(
 
     tu.micro_step, tu.save_checkpoint, tu.update = timed_micro_step, timed_save, marked_update
     try:
-        argv = [
-            "--train_data_dir",
-            folder,
-            "--resolution",
-            str(json.load(open(config_path))["sample_size"]),
-            "--model_config_name_or_path",
-            config_path,
-            "--train_batch_size",
-            str(batch_size),
-            "--max_train_steps",
-            str(steps),
-            "--checkpointing_steps",
-            str(steps),
-            "--output_dir",
-            output_dir,
-            "--logger",
-            "none",
-            "--eval_batch_size",
-            "4",
-            "--ddpm_num_inference_steps",
-            "5",
-            *extra,
-        ]
+        resolution = json.load(open(config_path))["sample_size"]
+        argv = ["--train_data_dir", folder, "--resolution", str(resolution)]
+        argv += ["--model_config_name_or_path", config_path]
+        argv += ["--train_batch_size", str(batch_size), "--max_train_steps", str(steps), "--checkpointing_steps"]
+        argv += [str(steps), "--output_dir", output_dir, "--logger", "none", "--eval_batch_size", "4"]
+        argv += ["--ddpm_num_inference_steps", "5", *extra]
         tu.main(argv)
     finally:
         tu.micro_step, tu.save_checkpoint, tu.update = real_micro_step, real_save, real_update

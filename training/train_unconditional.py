@@ -19,7 +19,13 @@ repeats an uninterrupted one exactly.
 
 Every tensor of the training state (model, optimizer state, EMA, noise-schedule table, loss buffer) lives on
 `accelerator.device`; the loop reads numbers from the device only every `--logging_steps` updates and before a
-checkpoint (where a non-finite loss stops the run before anything non-finite is saved).
+checkpoint (where a non-finite loss stops the run before anything non-finite is saved). On a GPU the throughput
+switches default to on (`--data_on_device`, `--channels_last`, `--adam_fused`; `--torch_compile` is asked for): they
+act in `training/training_run.py` and change no number of the run beyond a kernel's rounding.
+
+Where things live: flags and their resolution in `settings.py`, the run's state and its preparation in
+`training_run.py`, the loss record in `loss_log.py`, checkpoints in `checkpoints.py`, export and the model card in
+`export.py`; this file is the story and the loss.
 """
 
 import argparse
