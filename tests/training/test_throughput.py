@@ -15,23 +15,28 @@ from .conftest import read_losses, tiny_args
 
 
 def test_device_batches_are_the_sharded_dataloader_batches_with_the_same_flips():
+    # What accelerate gives each process of a prepared DataLoader: its BatchSamplerShard over our sampler.
+    from accelerate.data_loader import BatchSamplerShard
+
     dataset = build_dataset(resolution=8, random_flip=True, seed=3)
     batch, processes = 16, 2
     for epoch in (0, 1):
         dataset.set_epoch(epoch)
         sampler = EpochSampler(len(dataset), seed=3)
         sampler.set_epoch(epoch)
-        loader = list(torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True))
-        for p in range(processes):  # accelerate gives process p the loader's batches p, p + n, p + 2n, ...
-            shard = list(DeviceBatches(dataset, batch, processes, p, "cpu", seed=3).epoch(epoch))
-            assert len(shard) == len(loader) // processes
-            for k, got in enumerate(shard):
-                expected = loader[k * processes + p]
+        for p in range(processes):
+            batches = torch.utils.data.BatchSampler(sampler, batch, drop_last=True)
+            shard = list(BatchSamplerShard(batches, processes, p, split_batches=False, even_batches=True))
+            device = list(DeviceBatches(dataset, batch, processes, p, "cpu", seed=3).epoch(epoch))
+            assert len(device) == len(shard)
+            for got, indices in zip(device, shard):
+                expected = torch.utils.data.default_collate([dataset[i] for i in indices])
                 assert torch.equal(got["images"], expected["images"]) and torch.equal(
                     got["labels"], expected["labels"]
                 )
         skipped = list(DeviceBatches(dataset, batch, 1, 0, "cpu", seed=3).epoch(epoch, skip=5))
-        assert torch.equal(skipped[0]["images"], loader[5]["images"])  # a resume part-way through an epoch
+        fifth = list(torch.utils.data.BatchSampler(sampler, batch, drop_last=True))[5]
+        assert torch.equal(skipped[0]["images"], torch.stack([dataset[i]["images"] for i in fifth]))  # a resume
 
 
 def test_data_on_device_trains_exactly_as_the_dataloader(tmp_path, tiny_config):
