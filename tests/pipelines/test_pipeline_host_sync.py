@@ -112,3 +112,20 @@ def test_every_sampling_loop_reads_nothing_from_the_device_per_step(host_reads, 
         _sample(pipeline_cls, TutorialDDIMScheduler(), steps, unet_factory)
         counts.append(len(host_reads))
     assert counts[0] == counts[1] <= 1, f"host reads for 3 and 6 steps: {counts}"
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS[:5], ids=lambda c: c.__name__)
+def test_a_diffusers_style_loop_over_device_timesteps_reads_nothing_per_step(host_reads, unet_factory, scheduler_cls):
+    # The loop diffusers' own pipelines run: `set_timesteps(device=...)`, then `t` straight from `scheduler.timesteps`.
+    unet = unet_factory(sample_size=8).to(META)
+    counts = []
+    for steps in (3, 6):
+        host_reads.clear()
+        scheduler = scheduler_cls()
+        scheduler.set_timesteps(steps, device=META)
+        x = torch.randn(2, 3, 8, 8, device=META)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        counts.append(len(host_reads))
+    assert counts == [0, 0], f"host reads for 3 and 6 steps: {counts}"
