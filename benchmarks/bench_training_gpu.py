@@ -110,13 +110,23 @@ def run_diffusers_script(script: str, folder: str, s: dict, output_dir: str) -> 
     Its per-update `accelerator.log({"loss": loss.item(), ...})` is wrapped to record the loss and the clock (the
     `.item()` has synchronised the device), then to stop the script by an exception at the last update.
     """
+    import importlib.util
     import runpy
 
     import accelerate
+    import diffusers.utils
     import torch
 
     class Done(Exception):
         pass
+
+    class NoTracker:  # stands in for the tensorboard writer where tensorboard is not installed (GPU images)
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    if importlib.util.find_spec("tensorboard") is None:  # the script refuses to start without a tracker package
+        diffusers.utils.is_tensorboard_available = lambda: True
+        accelerate.Accelerator.get_tracker = lambda self, name, unwrap=False: NoTracker()
 
     losses, times, real_log = [], [], accelerate.Accelerator.log
 
