@@ -104,7 +104,7 @@ def flops_per_image(config: dict, resolution: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def run_diffusers_script(script: str, folder: str, s: dict, output_dir: str) -> dict:
+def run_diffusers_script(script: str, folder: str, config_path: str, s: dict, output_dir: str) -> dict:
     """diffusers' `train_unconditional.py`, run as-is in this process, stopped after `s["steps"]` updates.
 
     Its per-update `accelerator.log({"loss": loss.item(), ...})` is wrapped to record the loss and the clock (the
@@ -139,6 +139,7 @@ def run_diffusers_script(script: str, folder: str, s: dict, output_dir: str) -> 
         return real_log(self, values, step=step, log_kwargs=log_kwargs)
 
     argv = ["--train_data_dir", folder, "--resolution", str(s["resolution"]), "--center_crop"]
+    argv += ["--model_config_name_or_path", config_path]
     argv += ["--train_batch_size", str(s["batch"]), "--mixed_precision", s["precision"], "--output_dir", output_dir]
     argv += ["--num_epochs", "1000", "--save_images_epochs", "1000", "--save_model_epochs", "1000"]
     argv += ["--ddpm_num_inference_steps", "1", "--eval_batch_size", "1", "--logger", "tensorboard"]
@@ -165,7 +166,7 @@ def train_row(row: str, s: dict, quick: bool, diffusers_script) -> dict:
         folder, config, path = _inputs(s, work, quick)
         out = os.path.join(work, "out")
         if row == "diffusers" and diffusers_script:
-            result, source = run_diffusers_script(diffusers_script, folder, s, out), "diffusers' script"
+            result, source = run_diffusers_script(diffusers_script, folder, path, s, out), "diffusers' script"
         elif row == "diffusers":
             result = diffusers_loop(folder, config, s["steps"], s["batch"], s["precision"], warmup_updates=s["warmup"])
             source = "re-created loop (benchmarks/bench_utils.py)"

@@ -80,6 +80,6 @@ def test_bench_training_gpu_runs_a_training_script_and_stops_it_after_the_last_u
     finally:
         sys.path.pop(0)
     s = bench_training_gpu.sizes(quick=True, device="cpu")
-    result = bench_training_gpu.run_diffusers_script(str(script), str(tmp_path), s, str(tmp_path / "out"))
+    result = bench_training_gpu.run_diffusers_script(str(script), str(tmp_path), "unet.json", s, str(tmp_path / "out"))
     assert result["losses"] == [1.0 / step for step in range(1, s["steps"] + 1)]
     assert sorted(result["marks"]) == [s["warmup"], s["steps"]]
