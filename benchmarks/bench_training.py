@@ -69,7 +69,7 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0, pre
     from sklearn.datasets import load_digits
 
     from training.data import digits_split_indices
-    from training.train_unconditional import default_unet_config
+    from training.model import default_unet_config
 
     torch.manual_seed(seed)
     digits = load_digits()

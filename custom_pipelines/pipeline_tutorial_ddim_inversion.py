@@ -108,11 +108,12 @@ class TutorialDDIMInversionPipeline(TutorialUnconditionalPipeline):
         self.check_invertible()
         self.check_num_inference_steps(num_inference_steps)
         x = self.preprocess_images(image, "image")
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         timesteps = self.scheduler.timesteps.flip(0)  # t_N < ... < t_1: upwards
+        timesteps_on_device = timesteps.to(self._execution_device)
         trajectory = [x.cpu()] if return_trajectory else None
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_output = self.unet(self.scheduler.scale_model_input(x, t), t).sample
+            model_output = self.unet(self.scheduler.scale_model_input(x, t), timesteps_on_device[i]).sample
             x = self.scheduler.inverse_step(model_output, t, x).prev_sample
             self.check_finite(x, model_output, i, t, len(timesteps))
             if return_trajectory:

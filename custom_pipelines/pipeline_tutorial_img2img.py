@@ -119,14 +119,15 @@ class TutorialImg2ImgPipeline(TutorialPipelineBase):
 
         # 1. The grid, and where strength s starts the loop on it.
         device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         timesteps, _ = self.get_timesteps(num_inference_steps, strength)
+        timesteps_on_device = timesteps.to(device)
 
         # 2. x_{t_s} = √ᾱ x_0 + √(1-ᾱ) ε (DDPM eq. (4); the scheduler's own marginal for non-VP schedulers).
         if noise is None:
             noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         latents = self.scheduler.add_noise(
-            x0, noise.to(device=device, dtype=x0.dtype), timesteps[:1].repeat(batch_size)
+            x0, noise.to(device=device, dtype=x0.dtype), timesteps_on_device[:1].repeat(batch_size)
         )
         step_kwargs = self.scheduler_step_kwargs(eta=eta, generator=generator)
         trajectory = [latents.cpu()] if return_trajectory else None
@@ -135,7 +136,7 @@ class TutorialImg2ImgPipeline(TutorialPipelineBase):
         # 3. Reverse process from t_s: one network evaluation and one scheduler step per remaining entry.
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = self.finish_step(
                 i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()

@@ -123,12 +123,13 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
 
     def _walk(self, timestep) -> Tuple[int, bool]:
         """(the entry of `self.timesteps` this `step` serves, whether it begins a loop); advances `step_index`."""
-        t = float(timestep)
         j = self._step_index
         entries = self._entry_t
         if entries is None:
             self._ensure_grid()
             entries = self._entry_t
+        i = tm.entry_index(timestep, self.timesteps)  # an entry of self.timesteps: its value from the host list
+        t = entries[i] if i is not None and len(entries) == len(self.timesteps) else float(timestep)
         if j is not None and j < len(entries) and t == entries[j]:
             self._step_index = j + 1
             return j, False

@@ -82,6 +82,19 @@ def check_int(
     raise ValueError(f"{name}={value!r} must be an integer {allowed}{why}.")
 
 
+def entry_index(timestep, timesteps: torch.Tensor) -> Optional[int]:
+    """The index of `timestep` in `timesteps` when it is one of its entries (`for t in timesteps` yields 0-d views of
+    it), found from the view's position in memory, not its value: a device tensor is not read. None otherwise.
+
+    Reading a value on the host waits for the device; a sampling loop that did so at every step would wait for the
+    GPU at every step. Only a `timesteps` that is not itself a view qualifies (a scheduler's own grid).
+    """
+    if not torch.is_tensor(timestep) or timestep.dim() != 0 or timestep._base is not timesteps or timesteps.dim() != 1:
+        return None
+    index, rest = divmod(timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0))
+    return index if rest == 0 and 0 <= index < len(timesteps) else None
+
+
 def expand_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample coefficient against a batch `x` of shape (B, ...), cast to `x`'s dtype and device.
 

@@ -117,8 +117,9 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         self.check_callback_inputs(tensor_inputs)
 
         # 1. Grid, x_T, and the labels of each UNet call: one branch when w ∈ {0, 1}, else [null; c] batched.
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         timesteps = self.scheduler.timesteps
+        timesteps_on_device = timesteps.to(self._execution_device)
         latents = self.prepare_latents(batch_size, generator, latents)
         step_kwargs = self.scheduler_step_kwargs(eta=eta, generator=generator)
         null = torch.full_like(labels, self.null_class)
@@ -131,10 +132,12 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
             if both_branches:
-                out_u, out_c = self.unet(torch.cat([model_input] * 2), t, class_labels=call_labels).sample.chunk(2)
+                out_u, out_c = self.unet(
+                    torch.cat([model_input] * 2), timesteps_on_device[i], class_labels=call_labels
+                ).sample.chunk(2)
                 model_output = guided_output(out_u, out_c, guidance_scale, latents.shape[1])
             else:
-                model_output = self.unet(model_input, t, class_labels=call_labels).sample
+                model_output = self.unet(model_input, timesteps_on_device[i], class_labels=call_labels).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = self.finish_step(
                 i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()

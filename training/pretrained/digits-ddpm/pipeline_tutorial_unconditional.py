@@ -80,10 +80,11 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         tensor_inputs = self.resolve_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_callback_inputs(tensor_inputs)
 
-        # 1. The grid t_1 > ... > t_N (repeated entries for multi-stage schedulers such as Heun).
-        device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 1. The grid t_1 > ... > t_N (repeated entries for multi-stage schedulers such as Heun), kept on the host: the
+        #    scheduler looks t up there without waiting for the device; the UNet reads a copy made on the device once.
+        self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
+        timesteps_on_device = timesteps.to(self._execution_device)
 
         # 2. x_T = σ_init z.
         latents = self.prepare_latents(batch_size, generator, latents)
@@ -94,7 +95,7 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         # 3. Reverse process: one network evaluation and one scheduler step per entry of the grid.
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = self.finish_step(
                 i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
