@@ -42,12 +42,13 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
+from custom_pipelines import sample_loop
 from schedulers import TutorialDDPMScheduler
 from schedulers.gaussian_mixture import GaussianMixture
 from schedulers.scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler, tune_timesteps
 from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler, solve_pf_ode
 from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler
+from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 
 SPACINGS = ("linspace", "leading", "trailing")
 TUNE_UP_TO_NFE = 20  # tuned placements are computed for budgets up to this (the search costs ~N² runs)
@@ -122,19 +123,10 @@ def theirs(cfg):
 
 
 def loop(scheduler, model, x_T, n, seed=0):
-    if isinstance(n, list):
-        scheduler.set_timesteps(timesteps=n)
-    else:
-        scheduler.set_timesteps(n)
-    x = x_T * scheduler.init_noise_sigma
-    g = torch.Generator().manual_seed(seed)
-    kwargs = {"generator": g} if "generator" in scheduler.step.__code__.co_varnames else {}
-    evals = 0
-    for t in scheduler.timesteps:
-        out = model(scheduler.scale_model_input(x, t), t)
-        evals += 1
-        x = scheduler.step(out, t, x, **kwargs).prev_sample
-    return x, evals
+    """`sample_loop` on `n` steps (an int) or on the grid `n` (a list): (x, number of model evaluations)."""
+    grid = {"timesteps": n} if isinstance(n, list) else {"num_inference_steps": n}
+    x = sample_loop(model, scheduler, x_T, generator=torch.Generator().manual_seed(seed), **grid)
+    return x, len(scheduler.timesteps)
 
 
 def steps_for_budget(scheduler, nfe):

@@ -69,7 +69,7 @@ def run_theirs(steps: int, eval_every: int, threshold: float, seed: int = 0, pre
     from sklearn.datasets import load_digits
 
     from training.data import digits_split_indices
-    from training.train_unconditional import default_unet_config
+    from training.model import default_unet_config
 
     torch.manual_seed(seed)
     digits = load_digits()
@@ -127,7 +127,8 @@ def _fd_of_ema(unet, ema, scheduler_config) -> float:
     import torch
 
     from schedulers import TutorialDDIMScheduler
-    from training.evaluate import digits_metrics, sample_sharded
+    from training.metrics import digits_metrics
+    from training.sampling import sample_sharded
 
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())

@@ -91,12 +91,14 @@ def diffusers_loop(
     seed: int = 0,
     learning_rate: float = 1e-4,
     warmup: int = 500,
+    warmup_updates: int = 0,
 ) -> Dict:
     """Train `config` on the images of `folder` with diffusers' loop (module docstring).
 
     Returns:
-        `dict`: `losses` (one per update), `seconds` (the loop, data loading in), `images_per_s`,
-        `peak_memory_gb` (CUDA, or None on the CPU), `device`.
+        `dict`: `losses` (one per update), `seconds` (the loop, data loading in), `images_per_s`, `marks` (the
+        clock at updates `warmup_updates` and `steps`, for `steady_images_per_s`), `peak_memory_gb` (CUDA, or None
+        on the CPU), `device`.
     """
     import datasets
     import torch
@@ -132,12 +134,14 @@ def diffusers_loop(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses: List[float] = []
+    times: List[float] = []  # after each update; the loss read with .item() has synchronised the device
     start = time.perf_counter()
     while len(losses) < steps:
         for batch in loader:
             clean = batch["input"].to(weight_dtype)
             loss = diffusers_step(clean, model, noise_scheduler, accelerator, optimizer, lr_scheduler, ema)
             losses.append(loss.detach().item())
+            times.append(time.perf_counter())
             if len(losses) >= steps:
                 break
     if cuda:
@@ -147,6 +151,7 @@ def diffusers_loop(
         "losses": losses,
         "seconds": seconds,
         "images_per_s": steps * batch_size / seconds,
+        "marks": {update: times[update - 1] for update in (warmup_updates, steps) if update >= 1},
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "device": str(accelerator.device),
     }
@@ -177,11 +182,20 @@ def diffusers_step(clean, model, noise_scheduler, accelerator, optimizer, lr_sch
     return loss
 
 
-def ours_loop(folder: str, config_path: str, steps: int, batch_size: int, extra: List[str], output_dir: str) -> Dict:
+def ours_loop(
+    folder: str,
+    config_path: str,
+    steps: int,
+    batch_size: int,
+    extra: List[str],
+    output_dir: str,
+    warmup_updates: int = 0,
+) -> Dict:
     """Train with `training/train_unconditional.py` (its defaults plus `extra`), timed like `diffusers_loop`.
 
     The clock starts at the first micro-batch and stops where the final checkpoint starts (start-up, the final
-    evaluation and export excluded, as in `diffusers_loop`).
+    evaluation and export excluded, as in `diffusers_loop`); `marks` holds it at updates `warmup_updates` and
+    `steps`, read after synchronising the device (the loop itself does not wait for it).
     """
     import json
 
@@ -189,8 +203,16 @@ def ours_loop(folder: str, config_path: str, steps: int, batch_size: int, extra:
 
     from training import train_unconditional as tu
 
-    clock = {}
-    real_micro_step, real_save = tu.micro_step, tu.save_checkpoint
+    clock = {"marks": {}}
+    real_micro_step, real_save, real_update = tu.micro_step, tu.save_checkpoint, tu.update
+
+    def marked_update(run):
+        loss = real_update(run)
+        if run.state.global_step in (warmup_updates, steps):
+            if run.accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            clock["marks"][run.state.global_step] = time.perf_counter()
+        return loss
 
     def timed_micro_step(run, *args, **kwargs):
         if "start" not in clock:
@@ -207,34 +229,17 @@ def ours_loop(folder: str, config_path: str, steps: int, batch_size: int, extra:
         clock.setdefault("end", time.perf_counter())
         return real_save(run, *args, **kwargs)
 
-    tu.micro_step, tu.save_checkpoint = timed_micro_step, timed_save
+    tu.micro_step, tu.save_checkpoint, tu.update = timed_micro_step, timed_save, marked_update
     try:
-        argv = [
-            "--train_data_dir",
-            folder,
-            "--resolution",
-            str(json.load(open(config_path))["sample_size"]),
-            "--model_config_name_or_path",
-            config_path,
-            "--train_batch_size",
-            str(batch_size),
-            "--max_train_steps",
-            str(steps),
-            "--checkpointing_steps",
-            str(steps),
-            "--output_dir",
-            output_dir,
-            "--logger",
-            "none",
-            "--eval_batch_size",
-            "4",
-            "--ddpm_num_inference_steps",
-            "5",
-            *extra,
-        ]
+        resolution = json.load(open(config_path))["sample_size"]
+        argv = ["--train_data_dir", folder, "--resolution", str(resolution)]
+        argv += ["--model_config_name_or_path", config_path]
+        argv += ["--train_batch_size", str(batch_size), "--max_train_steps", str(steps), "--checkpointing_steps"]
+        argv += [str(steps), "--output_dir", output_dir, "--logger", "none", "--eval_batch_size", "4"]
+        argv += ["--ddpm_num_inference_steps", "5", *extra]
         tu.main(argv)
     finally:
-        tu.micro_step, tu.save_checkpoint = real_micro_step, real_save
+        tu.micro_step, tu.save_checkpoint, tu.update = real_micro_step, real_save, real_update
     with open(os.path.join(output_dir, "losses.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     with open(os.path.join(output_dir, "metrics.json")) as f:
@@ -244,6 +249,7 @@ def ours_loop(folder: str, config_path: str, steps: int, batch_size: int, extra:
         "losses": [r["loss"] for r in sorted(rows, key=lambda r: r["step"])],
         "seconds": seconds,
         "images_per_s": steps * batch_size / seconds,
+        "marks": clock["marks"],
         "peak_memory_gb": clock.get("peak"),
         "device": clock["device"],
         "learning_rate": metrics["learning_rate"],
@@ -255,3 +261,9 @@ def window_mean(losses: List[float], update: int, width: int = 10) -> float:
     """The mean loss of updates `update - width + 1 .. update` (1-based): one update's loss is too noisy to compare."""
     window = losses[max(0, update - width) : update]
     return sum(window) / len(window)
+
+
+def steady_images_per_s(result: Dict, batch_size: int) -> float:
+    """Images/s between the two `marks` of a loop's result (after its warm-up: compilation, cuDNN's autotuning)."""
+    (first, t0), (last, t1) = sorted((int(k), v) for k, v in result["marks"].items())
+    return (last - first) * batch_size / (t1 - t0)

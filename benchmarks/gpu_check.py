@@ -60,7 +60,8 @@ def section_digits(s: dict, work: str) -> dict:
     from custom_pipelines import TutorialUnconditionalPipeline
     from schedulers import TutorialDDIMScheduler
     from training import train_unconditional as tu
-    from training.evaluate import digits_metrics, sample_sharded
+    from training.metrics import digits_metrics
+    from training.sampling import sample_sharded
 
     out = os.path.join(work, "digits")
     half = s["digits_steps"] // 2

@@ -7,6 +7,7 @@ from .pipeline_tutorial_ddim_inversion import TutorialDDIMInversionPipeline, Tut
 from .pipeline_tutorial_img2img import TutorialImg2ImgPipeline
 from .pipeline_tutorial_repaint import TutorialRePaintPipeline
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
+from .sampling_loop import sample_loop
 from .tutorial_pipeline_utils import OUTPUT_TYPES, TutorialPipelineBase, TutorialPipelineOutput
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "TutorialPipelineOutput",
     "TutorialRePaintPipeline",
     "TutorialUnconditionalPipeline",
+    "sample_loop",
     "slerp",
 ]

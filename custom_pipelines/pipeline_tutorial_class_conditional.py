@@ -6,7 +6,7 @@ label K = num_class_embeds - 1 (the unconditional branch). At sampling time the 
 which is linear in the model output, so the same mix applies to x_0- and v-predictions.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -14,6 +14,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import TutorialPipelineBase, TutorialPipelineOutput
 
 
@@ -112,8 +117,9 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         self.check_callback_inputs(tensor_inputs)
 
         # 1. Grid, x_T, and the labels of each UNet call: one branch when w ∈ {0, 1}, else [null; c] batched.
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         timesteps = self.scheduler.timesteps
+        timesteps_on_device = timesteps.to(self._execution_device)
         latents = self.prepare_latents(batch_size, generator, latents)
         step_kwargs = self.scheduler_step_kwargs(eta=eta, generator=generator)
         null = torch.full_like(labels, self.null_class)
@@ -126,19 +132,16 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
             if both_branches:
-                out_u, out_c = self.unet(torch.cat([model_input] * 2), t, class_labels=call_labels).sample.chunk(2)
+                out_u, out_c = self.unet(
+                    torch.cat([model_input] * 2), timesteps_on_device[i], class_labels=call_labels
+                ).sample.chunk(2)
                 model_output = guided_output(out_u, out_c, guidance_scale, latents.shape[1])
             else:
-                model_output = self.unet(model_input, t, class_labels=call_labels).sample
+                model_output = self.unet(model_input, timesteps_on_device[i], class_labels=call_labels).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = out.prev_sample
-            self.check_finite(latents, model_output, i, t, len(timesteps))
-
-            if return_trajectory:
-                self.record_step(trajectory, pred_x0s, latents, out)
-            if callback_on_step_end is not None:
-                outputs = self.run_callback(callback_on_step_end, i, t, tensor_inputs, locals())
-                latents = outputs.pop("latents", latents)
+            latents = self.finish_step(
+                i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
+            )
 
         # 3. [-1, 1] -> images.
         images = self.postprocess(latents, output_type)

@@ -16,7 +16,12 @@ from typing import List, Optional, Union
 import torch
 from diffusers.utils import BaseOutput
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import ImageInput, TutorialPipelineOutput
 
 
@@ -33,15 +38,16 @@ class TutorialInversionOutput(BaseOutput):
     trajectory: Optional[List[torch.Tensor]] = None
 
 
-def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float, eps: float = 1e-7) -> torch.Tensor:
-    """Spherical interpolation sin((1-α)θ)/sin θ · z0 + sin(αθ)/sin θ · z1, θ the angle between z0 and z1 per sample.
+def slerp(z0: torch.Tensor, z1: torch.Tensor, fraction: float, parallel_tol: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation sin((1-f)θ)/sin θ · z0 + sin(fθ)/sin θ · z1, θ the angle between z0 and z1 per sample.
 
-    Falls back to linear interpolation where z0 and z1 are (anti)parallel to `eps` (sin θ ≈ 0).
+    Falls back to linear interpolation where z0 and z1 are (anti)parallel to `parallel_tol` (sin θ ≈ 0).
 
     Args:
         z0 (`torch.Tensor`): shape (B, ...).
         z1 (`torch.Tensor`): same shape as `z0`.
-        alpha (`float`): position along the arc, 0 gives z0 and 1 gives z1.
+        fraction (`float`): f, the position along the arc: 0 gives z0 and 1 gives z1.
+        parallel_tol (`float`, defaults to 1e-7): |sin θ| below which the two are taken as parallel.
 
     Returns:
         `torch.Tensor` of the shape of `z0`.
@@ -52,10 +58,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float, eps: float = 1e-7) -
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     theta = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]
     sin = torch.sin(theta)
-    linear = sin.abs() < eps
+    linear = sin.abs() < parallel_tol
     safe_sin = torch.where(linear, torch.ones_like(sin), sin)
-    w0 = torch.where(linear, 1 - alpha * torch.ones_like(sin), torch.sin((1 - alpha) * theta) / safe_sin)
-    w1 = torch.where(linear, alpha * torch.ones_like(sin), torch.sin(alpha * theta) / safe_sin)
+    w0 = torch.where(linear, 1 - fraction * torch.ones_like(sin), torch.sin((1 - fraction) * theta) / safe_sin)
+    w1 = torch.where(linear, fraction * torch.ones_like(sin), torch.sin(fraction * theta) / safe_sin)
     return (w0 * a + w1 * b).reshape(z0.shape).to(z0.dtype)
 
 
@@ -102,11 +108,12 @@ class TutorialDDIMInversionPipeline(TutorialUnconditionalPipeline):
         self.check_invertible()
         self.check_num_inference_steps(num_inference_steps)
         x = self.preprocess_images(image, "image")
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         timesteps = self.scheduler.timesteps.flip(0)  # t_N < ... < t_1: upwards
+        timesteps_on_device = timesteps.to(self._execution_device)
         trajectory = [x.cpu()] if return_trajectory else None
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_output = self.unet(self.scheduler.scale_model_input(x, t), t).sample
+            model_output = self.unet(self.scheduler.scale_model_input(x, t), timesteps_on_device[i]).sample
             x = self.scheduler.inverse_step(model_output, t, x).prev_sample
             self.check_finite(x, model_output, i, t, len(timesteps))
             if return_trajectory:
@@ -150,8 +157,8 @@ class TutorialDDIMInversionPipeline(TutorialUnconditionalPipeline):
             if tuple(z.shape) != self.sample_shape(1):
                 raise ValueError(f"latents_{name} has shape {tuple(z.shape)}; expected {self.sample_shape(1)}.")
             ends.append(z.to(device=self._execution_device, dtype=self.unet.dtype))
-        alphas = torch.linspace(0, 1, num_points).tolist()
-        latents = torch.cat([slerp(ends[0], ends[1], a) for a in alphas])
+        fractions = torch.linspace(0, 1, num_points).tolist()
+        latents = torch.cat([slerp(ends[0], ends[1], f) for f in fractions])
         return self(
             batch_size=num_points,
             latents=latents / self.scheduler.init_noise_sigma,

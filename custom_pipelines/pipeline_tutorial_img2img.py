@@ -8,7 +8,7 @@ the model's prior take over (realistic); at s = 1 only √ᾱ_{T-1} x_0 is left 
 x_{t_s} is close to a noisy real image in distribution once σ_{t_s} swamps the input's departure from the data.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 import numbers
@@ -18,6 +18,11 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import ImageInput, TutorialPipelineBase, TutorialPipelineOutput
 
 
@@ -114,14 +119,15 @@ class TutorialImg2ImgPipeline(TutorialPipelineBase):
 
         # 1. The grid, and where strength s starts the loop on it.
         device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         timesteps, _ = self.get_timesteps(num_inference_steps, strength)
+        timesteps_on_device = timesteps.to(device)
 
         # 2. x_{t_s} = √ᾱ x_0 + √(1-ᾱ) ε (DDPM eq. (4); the scheduler's own marginal for non-VP schedulers).
         if noise is None:
             noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         latents = self.scheduler.add_noise(
-            x0, noise.to(device=device, dtype=x0.dtype), timesteps[:1].repeat(batch_size)
+            x0, noise.to(device=device, dtype=x0.dtype), timesteps_on_device[:1].repeat(batch_size)
         )
         step_kwargs = self.scheduler_step_kwargs(eta=eta, generator=generator)
         trajectory = [latents.cpu()] if return_trajectory else None
@@ -130,16 +136,11 @@ class TutorialImg2ImgPipeline(TutorialPipelineBase):
         # 3. Reverse process from t_s: one network evaluation and one scheduler step per remaining entry.
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = out.prev_sample
-            self.check_finite(latents, model_output, i, t, len(timesteps))
-
-            if return_trajectory:
-                self.record_step(trajectory, pred_x0s, latents, out)
-            if callback_on_step_end is not None:
-                outputs = self.run_callback(callback_on_step_end, i, t, tensor_inputs, locals())
-                latents = outputs.pop("latents", latents)
+            latents = self.finish_step(
+                i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
+            )
 
         # 4. [-1, 1] -> images.
         images = self.postprocess(latents, output_type)

@@ -7,7 +7,7 @@ q(x_t | x_{t'}) (eq. (11)) `jump_n_sample - 1` times at every `jump_length`-th l
 denoises again. The last level is x_0 itself, so the known region of the output is the input, exactly.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 import math
@@ -19,6 +19,11 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import ImageInput, TutorialPipelineBase, TutorialPipelineOutput
 
 MaskInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image]
@@ -162,8 +167,9 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
 
         # 1. Grid t_1 > ... > t_N; level n holds x at t_{N-n+1}, level 0 is x_0.
         device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
         grid = [int(t) for t in self.scheduler.timesteps]
+        grid_on_device = self.scheduler.timesteps.to(device)  # what the UNet and add_noise read: copied once
         if len(grid) != num_inference_steps:
             raise ValueError(
                 f"scheduler={type(self.scheduler).__name__} made {len(grid)} timesteps for N = "
@@ -171,8 +177,11 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
             )
         n_steps = len(grid)
 
-        def timestep_at(level: int) -> int:
+        def timestep_of_level(level: int) -> int:
             return grid[n_steps - level] if level > 0 else -1
+
+        def timestep_on_device(level: int) -> torch.Tensor:  # level > 0; shape (1,)
+            return grid_on_device[n_steps - level : n_steps - level + 1]
 
         def noise():
             return randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -183,12 +192,12 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
 
         # 2. Walk the levels: down = reverse step joined with q(x_t | x_0) on the known region; up = re-noise.
         for i, (level, next_level) in enumerate(self.progress_bar(list(zip(levels[:-1], levels[1:])))):
-            t, t_next = timestep_at(level), timestep_at(next_level)
+            t, t_next = timestep_of_level(level), timestep_of_level(next_level)
             if next_level < level:
-                model_output = self.unet(self.scheduler.scale_model_input(x, t), t).sample
+                model_output = self.unet(self.scheduler.scale_model_input(x, t), timestep_on_device(level)).sample
                 x_unknown = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample  # eq. (9)
                 if t_next >= 0:  # eq. (8): known pixels from q(x_{t'} | x_0)
-                    x_known = self.scheduler.add_noise(x0, noise(), torch.tensor([t_next], device=device))
+                    x_known = self.scheduler.add_noise(x0, noise(), timestep_on_device(next_level))
                 else:
                     x_known = x0  # ᾱ = 1: the input itself
                 x = mask * x_known + (1 - mask) * x_unknown  # eq. (10)

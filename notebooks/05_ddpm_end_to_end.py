@@ -46,7 +46,9 @@ from custom_pipelines import TutorialUnconditionalPipeline
 from schedulers import TutorialDDPMScheduler
 from training import train_unconditional
 from training.data import load_digits_tensors
-from training.evaluate import digits_metrics, make_grid, sample_sharded
+from training.grids import make_grid
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 TRAIN_STEPS = 30 if FAST else 300  # optimizer updates of 64 digits each
@@ -187,7 +189,7 @@ plt.show()
 # %% [markdown]
 # ## How good are the samples?
 #
-# `training.evaluate.digits_metrics` embeds samples with a small digits classifier that the project ships and
+# `training.metrics.digits_metrics` embeds samples with a small digits classifier that the project ships and
 # computes the Fréchet distance between Gaussians fitted to their features and to the held-out real digits'
 # (Heusel et al. 2017, eq. (6); FID with a digits network in place of Inception). The Fréchet distance is biased
 # upwards for small sample sets, so we print two references measured with the same number of images: real training

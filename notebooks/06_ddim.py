@@ -33,7 +33,9 @@ from custom_pipelines import TutorialUnconditionalPipeline
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
 from training.data import load_digits_tensors
-from training.evaluate import digits_metrics, make_grid, sample_sharded
+from training.grids import make_grid
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 SHIPPED = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
@@ -75,6 +77,7 @@ family = {}
 for eta in etas:
     x = tm.q_sample(x0.expand(n_copies, -1, -1, -1), x_T_noise, alpha_bar[T - 1]).float()  # x_T ~ q(x_T | x_0)
     at_level = {}
+    # The loop written out (not `sample_loop`): it keeps x_t at the checked levels on the way down.
     for t in oracle.timesteps:
         if int(t) in checked_t:
             at_level[int(t)] = x

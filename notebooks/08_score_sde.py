@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import training
-from custom_pipelines import TutorialUnconditionalPipeline
+from custom_pipelines import TutorialUnconditionalPipeline, sample_loop
 from schedulers import TutorialDDPMScheduler, TutorialScoreSDEScheduler
 from schedulers import tutorial_math as tm
 from schedulers.gaussian_mixture import GaussianMixture
@@ -98,11 +98,11 @@ plt.show()
 # signal-to-noise ratio $\lambda$ (`sde_marginal`).
 
 # %%
-lam = tm.half_log_snr(ddpm.alpha_bar)  # λ_t = ½ log SNR_t of the network's timesteps
+half_log_snr = tm.half_log_snr(ddpm.alpha_bar)  # λ_t = ½ log SNR_t of the network's timesteps
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
 for sde_type in ("vp", "subvp", "ve"):
-    mean_coef, std, _, _ = sde_marginal(sde_type, lam)
-    ax1.plot(mean_coef, label=sde_type)
+    sqrt_alpha_bar, std, _, _ = sde_marginal(sde_type, half_log_snr)
+    ax1.plot(sqrt_alpha_bar, label=sde_type)
     ax2.semilogy(std, label=sde_type)
 ax1.set_title("mean coefficient of x_0 at the network's timestep t")
 ax2.set_title("standard deviation of the noise")
@@ -131,11 +131,7 @@ true_var = (mixture.weights * (mixture.variances[:, 0] + mixture.means[:, 0] ** 
 
 def sample(scheduler, num_inference_steps, seed=0):
     """The generic diffusers loop over `scheduler.timesteps` (corrector entries included): (x, NFE)."""
-    scheduler.set_timesteps(num_inference_steps)
-    generator = torch.Generator().manual_seed(seed)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
+    x = sample_loop(model, scheduler, x_T, num_inference_steps, generator=torch.Generator().manual_seed(seed))
     return x, len(scheduler.timesteps)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import training
-from custom_pipelines import TutorialUnconditionalPipeline
+from custom_pipelines import TutorialUnconditionalPipeline, sample_loop
 from schedulers import (
     TutorialDDIMScheduler,
     TutorialDDPMScheduler,
@@ -51,7 +51,8 @@ from schedulers import (
 )
 from schedulers.gaussian_mixture import GaussianMixture
 from training.data import load_digits_tensors
-from training.evaluate import digits_metrics, sample_sharded
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 MODEL = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
@@ -59,10 +60,7 @@ MODEL = Path(training.__file__).resolve().parent / "pretrained" / "digits-ddpm"
 
 def sample(scheduler, model, x_T, num_inference_steps=None, timesteps=None):
     """The generic diffusers loop: one `model` call per entry of `scheduler.timesteps`. Returns (x, NFE)."""
-    scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = sample_loop(model, scheduler, x_T, num_inference_steps, timesteps=timesteps)
     return x, len(scheduler.timesteps)
 
 
@@ -219,7 +217,7 @@ print("tuned timesteps:", [round(t, 1) for t in tuned_grid])
 # ## On the shipped digits model: Fréchet distance against NFE
 #
 # With a trained network there is no exact answer, so we measure sample quality: the Fréchet distance in the
-# features of the shipped digits classifier (`training.evaluate.digits_metrics`, lower is better; real held-out
+# features of the shipped digits classifier (`training.metrics.digits_metrics`, lower is better; real held-out
 # digits score about 36 with 256 samples) for DDIM and DPM-Solver++ 2 and 3, all from the same per-sample noise
 # (`sample_sharded`).
 #

@@ -35,7 +35,7 @@
 # solved with an adaptive Dormand–Prince solver, the trace computed exactly ($D$ vector-Jacobian products) or with
 # Hutchinson's estimator $\operatorname{tr}A = \mathbb E[v^\top A v]$ (Grathwohl et al. 2018).
 #
-# Both live in `custom_pipelines.tutorial_likelihood`; a pipeline exposes them as `pipe.variational_bound`,
+# Both live in `schedulers.tutorial_likelihood`; a pipeline exposes them as `pipe.variational_bound`,
 # `pipe.variational_bound_dataset` and `pipe.log_likelihood`. Likelihoods are reported in **bits per dimension**,
 # $-\log_2 p(x)/D = -\log p(x)/(D\ln 2)$, so that images of different sizes compare.
 
@@ -49,9 +49,9 @@ import torch
 
 import training
 from custom_pipelines import TutorialUnconditionalPipeline
-from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
 from schedulers import TutorialDDPMScheduler
 from schedulers.gaussian_mixture import GaussianMixture
+from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 from training.data import load_digits_tensors
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"

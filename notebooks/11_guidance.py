@@ -36,11 +36,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from custom_pipelines import TutorialClassConditionalPipeline
+from custom_pipelines import TutorialClassConditionalPipeline, sample_loop
 from custom_pipelines.pipeline_tutorial_class_conditional import guided_output
 from schedulers import TutorialDDIMScheduler
 from schedulers.gaussian_mixture import GaussianMixture
-from training.evaluate import digits_metrics, make_grid, sample_sharded
+from training.grids import make_grid
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 PRETRAINED = Path("..") / "training" / "pretrained" / "digits-cfg"
@@ -64,12 +66,16 @@ eps_c = class_one.model(scheduler.alphas_cumprod)
 n_toy = 4_000 if FAST else 40_000
 scales = [0.0, 1.0, 2.0, 4.0]
 toy = {}
+
+
+def guided_model(w):
+    """The exact guided ε̃(x, t) = ε_u + w (ε_c - ε_u) of the two mixtures."""
+    return lambda x, t: guided_output(eps_u(x, t), eps_c(x, t), w, channels=1)
+
+
 for w in scales:
-    x = torch.randn(n_toy, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    scheduler.set_timesteps(100)
-    for t in scheduler.timesteps:
-        eps = guided_output(eps_u(x, t), eps_c(x, t), w, channels=1)
-        x = scheduler.step(eps, t, x).prev_sample
+    z = torch.randn(n_toy, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample_loop(guided_model(w), scheduler, z, 100)
     toy[w] = x[:, 0]
     print(
         f"w = {w}: mean {x.mean():+.3f}, std {x.std():.3f}, fraction on the wrong side (x < 0) {(x < 0).double().mean():.4f}"

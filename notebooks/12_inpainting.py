@@ -53,7 +53,9 @@ from custom_pipelines.pipeline_tutorial_repaint import repaint_levels
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers.gaussian_mixture import GaussianMixture
 from training.data import load_digits_tensors
-from training.evaluate import digits_metrics, load_classifier, make_grid
+from training.digits_classifier import load_classifier
+from training.grids import make_grid
+from training.metrics import digits_metrics
 
 FAST = os.environ.get("TUTORIAL_FAST") == "1"
 

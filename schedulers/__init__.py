@@ -2,7 +2,7 @@
 
 Side by side, never stacked: each `scheduling_tutorial_*.py` file is one sampler and imports only its base module
 (`tutorial_discrete_base.py` or `tutorial_continuous.py`), the math (`tutorial_math.py`) and leaf helpers
-(`tutorial_scheduler_output.py`, `tutorial_ode.py`), each as `from .name import ...`: diffusers' remote-code loader
+(`tutorial_scheduler_common.py`, `tutorial_ode.py`), each as `from .name import ...`: diffusers' remote-code loader
 copies exactly the siblings the named file imports in that form, one level deep, so a shipped scheduler file names
 every file it needs. `tests/test_layering.py` and `tests/pipelines/test_pipeline_saving_loading.py` check both.
 """
@@ -14,7 +14,7 @@ from .scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler
 from .scheduling_tutorial_pf_ode import TutorialPFODEScheduler
 from .scheduling_tutorial_sde import TutorialScoreSDEScheduler
 from .tutorial_ode import EvaluationBudgetExceeded, solve_pf_ode, tune_timesteps
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 __all__ = [
     "EvaluationBudgetExceeded",

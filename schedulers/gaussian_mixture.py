@@ -105,14 +105,16 @@ class GaussianMixture:
         """
         tm.check_choice("prediction_type", prediction_type, tm.PREDICTION_TYPES)
         table = torch.as_tensor(alpha_bar_table, dtype=torch.float64)
-        lam_table = tm.half_log_snr(table)
+        half_log_snr_table = tm.half_log_snr(table)
 
         def predict(x_t: torch.Tensor, t) -> torch.Tensor:
             t = torch.as_tensor(t, dtype=torch.float64)
             if bool((t == t.round()).all()):  # the table itself, bit for bit
                 alpha_bar = table[t.long()] if t.ndim == 0 else table[t.long().flatten()]
             else:
-                alpha_bar = torch.sigmoid(2 * tm.half_log_snr_at(t.flatten() if t.ndim else t, lam_table))
+                alpha_bar = tm.alpha_bar_from_log_snr(
+                    2 * tm.half_log_snr_at(t.flatten() if t.ndim else t, half_log_snr_table)
+                )
             if alpha_bar.ndim == 1 and alpha_bar.numel() == 1:
                 alpha_bar = alpha_bar[0]
             eps = self.eps(x_t, alpha_bar)

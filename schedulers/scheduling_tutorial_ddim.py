@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_discrete_base import TutorialDiscreteScheduler
 from .tutorial_math import eps_to_x0, model_output_to_x0_eps, q_posterior_coefs, x0_to_eps
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 
 class TutorialDDIMScheduler(TutorialDiscreteScheduler, SchedulerMixin, ConfigMixin):

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_discrete_base import TutorialDiscreteScheduler
 from .tutorial_math import check_choice, model_output_to_x0, q_posterior_coefs
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 # σ_t² choices of diffusers' DDPMScheduler, with the same meanings (see `_log_variance`).
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")

@@ -1,8 +1,8 @@
 """DPM-Solver++ multistep: an exponential integrator of the probability-flow ODE in λ = ½ log SNR, orders 1-3.
 
 Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095
-(and DPM-Solver, arXiv:2206.00927). With α = √ᾱ, σ = √(1-ᾱ) and the data prediction x̂_0(x, λ), the PF-ODE has
-the exact solution (DPM-Solver++ eq. (9))
+(and DPM-Solver, arXiv:2206.00927). With DPM-Solver's α = √ᾱ (our `sqrt_alpha_bar`), σ = √(1-ᾱ) and the data
+prediction x̂_0(x, λ), the PF-ODE has the exact solution (DPM-Solver++ eq. (9))
 
     x_t = (σ_t / σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^{λ} x̂_0(x_λ, λ) dλ.
 
@@ -37,11 +37,11 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import STEP_PLACEMENTS, check_choice
+from .tutorial_math import alpha_bar_from_log_snr, check_choice
 
 # `tune_timesteps`, first defined here, lives in the leaf `tutorial_ode.py`; it keeps its old import path.
 from .tutorial_ode import tune_timesteps  # noqa: F401  (re-exported)
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 SOLVER_ORDERS = (1, 2, 3)
 FEW_STEPS = 15  # below this many evaluations the grid keeps only its interior points (module docstring)
@@ -104,9 +104,6 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         few_step_interior: bool = True,
     ):
         check_choice("solver_order", solver_order, SOLVER_ORDERS)
-        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
-        if not rho > 0:
-            raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
 
     def set_timesteps(
@@ -123,21 +120,21 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
         """
-        grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)  # validated at the door
+        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps, self.config.rho)  # validated at the door
         if self.config.few_step_interior and timesteps is None and grid.numel() < FEW_STEPS:
             # few steps: the interior of the placement's N + 2-point grid (module docstring)
-            grid, lam = self._grid_from(grid.numel() + 2, None, self.config.rho)
-            grid, lam = grid[1:-1].clone(), lam[1:-1].clone()
-        alpha_bar = torch.sigmoid(2 * lam)
+            grid, half_log_snr = self._grid_from(grid.numel() + 2, None, self.config.rho)
+            grid, half_log_snr = grid[1:-1].clone(), half_log_snr[1:-1].clone()
+        alpha_bar = alpha_bar_from_log_snr(2 * half_log_snr)
         # ---- the one block of mutable state ----------------------------------------------------------------------
         self._use_entries(grid, list(range(grid.numel())), int(grid.numel()), device)  # every grid point may start
-        self._lam = lam.tolist()
-        self._alpha = alpha_bar.sqrt().tolist()
+        self._half_log_snr = half_log_snr.tolist()
+        self._sqrt_alpha_bar = alpha_bar.sqrt().tolist()
         self._sigma = (1 - alpha_bar).sqrt().tolist()
         self._alpha_bar = alpha_bar.tolist()
         self._history: List[Tuple[float, torch.Tensor]] = []
 
-    def _derivatives(self, lam_s: float, order: int):
+    def _derivatives(self, half_log_snr_s: float, order: int):
         """x̂_0' and x̂_0'' at λ_s from divided differences of the last `order` data predictions (Newton form)."""
         (l0, m0), zero = self._history[-1], None
         if order == 1:
@@ -176,22 +173,24 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             self._history = []
         # 1. The data prediction x̂_0 at λ_i (DPM-Solver++ Sec. 4).
         x0, _ = self._x0_eps(model_output, sample, self._alpha_bar[i])
-        if i == len(self._lam) - 1:  # last entry: the step to σ = 0 returns Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
+        if (
+            i == len(self._half_log_snr) - 1
+        ):  # last entry: the step to σ = 0 returns Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
             return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
-        self._history = (self._history + [(self._lam[i], x0)])[-self.config.solver_order :]
+        self._history = (self._history + [(self._half_log_snr[i], x0)])[-self.config.solver_order :]
 
         # 2. The exponential-integrator update with φ-coefficients integrated exactly (module docstring).
-        h = self._lam[i + 1] - self._lam[i]
+        h = self._half_log_snr[i + 1] - self._half_log_snr[i]
         phi1 = -math.expm1(-h)  # ∫_0^h e^{-(h-u)} du
         c1 = h - phi1  # ∫_0^h e^{-(h-u)} u du
         c2 = 0.5 * h * h - h + phi1  # ∫_0^h e^{-(h-u)} u²/2 du
-        d1, d2 = self._derivatives(self._lam[i], len(self._history))
-        alpha_t, ratio = self._alpha[i + 1], self._sigma[i + 1] / self._sigma[i]
-        prev_sample = ratio * sample + (alpha_t * phi1) * x0
+        d1, d2 = self._derivatives(self._half_log_snr[i], len(self._history))
+        sqrt_alpha_bar_t, ratio = self._sqrt_alpha_bar[i + 1], self._sigma[i + 1] / self._sigma[i]
+        prev_sample = ratio * sample + (sqrt_alpha_bar_t * phi1) * x0
         if d1 is not None:
-            prev_sample = prev_sample + (alpha_t * c1) * d1
+            prev_sample = prev_sample + (sqrt_alpha_bar_t * c1) * d1
         if d2 is not None:
-            prev_sample = prev_sample + (alpha_t * c2) * d2
+            prev_sample = prev_sample + (sqrt_alpha_bar_t * c2) * d2
         if not return_dict:
             return prev_sample, x0
         return TutorialSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -25,7 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import STEP_PLACEMENTS, check_choice, half_log_snr_at, timestep_at
+from .tutorial_math import alpha_bar_from_log_snr, check_choice, half_log_snr_at, timestep_at
 
 # The adaptive solver, first defined here, lives in the leaf `tutorial_ode.py`; these names keep their old import path.
 from .tutorial_ode import (  # noqa: F401  (re-exported)
@@ -36,7 +36,7 @@ from .tutorial_ode import (  # noqa: F401  (re-exported)
     pf_ode_field,
     solve_pf_ode,
 )
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 # Butcher tableaus (nodes c in units of the step, stage matrix a, weights b) of the fixed-step solvers.
 PF_ODE_SOLVERS = ("euler", "heun", "rk4")
@@ -95,9 +95,6 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("solver", solver, PF_ODE_SOLVERS)
-        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
-        if not rho > 0:
-            raise ValueError(f"rho={rho!r} must be > 0.")
         self._init_continuous_schedule()
         self.order = len(_TABLEAUS[solver][0])  # entries of `timesteps` per step, as diffusers' pipelines read it
 
@@ -114,26 +111,26 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[float]`, *optional*): a custom grid, strictly descending from T-1 to 0.
         """
-        grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
+        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps, self.config.rho)
         nodes = torch.tensor(_TABLEAUS[self.config.solver][0], dtype=torch.float64)
-        sigma_bar = torch.exp(-lam)  # σ̄ = e^{-λ}, the natural variable
+        sigma_bar = torch.exp(-half_log_snr)  # σ̄ = e^{-λ}, the natural variable
         # Stage s of step i sits at σ̄_i + c_s (σ̄_{i+1} - σ̄_i); the model is fed the timestep of that λ, and the
         # λ used is exactly the one that timestep has (the round trip t(λ) -> λ(t)). Nodes 0 and 1 are grid points.
-        lam_stage = -torch.log(sigma_bar[:-1, None] + nodes * (sigma_bar[1:, None] - sigma_bar[:-1, None]))
-        t_stage = timestep_at(lam_stage, self.half_log_snr)
-        lam_stage = half_log_snr_at(t_stage, self.half_log_snr)
+        half_log_snr_stage = -torch.log(sigma_bar[:-1, None] + nodes * (sigma_bar[1:, None] - sigma_bar[:-1, None]))
+        t_stage = timestep_at(half_log_snr_stage, self.half_log_snr)
+        half_log_snr_stage = half_log_snr_at(t_stage, self.half_log_snr)
         for c, column in ((0.0, slice(None, -1)), (1.0, slice(1, None))):
             t_stage[:, nodes == c] = grid[column, None]
-            lam_stage[:, nodes == c] = lam[column, None]
+            half_log_snr_stage[:, nodes == c] = half_log_snr[column, None]
         # Entry j of the loop is stage j % S of step j // S; the last entry is the final denoising at t = 0.
         entry_t = torch.cat([t_stage.flatten(), grid.new_zeros(1)])
-        entry_lam = torch.cat([lam_stage.flatten(), lam[-1:]])
+        entry_half_log_snr = torch.cat([half_log_snr_stage.flatten(), half_log_snr[-1:]])
         stages = nodes.numel()
         # ---- the one block of mutable state ----------------------------------------------------------------------
         self._use_entries(entry_t, list(range(0, entry_t.numel(), stages)), int(grid.numel()), device)
-        self._entry_alpha_bar = torch.sigmoid(2 * entry_lam).tolist()
+        self._entry_alpha_bar = alpha_bar_from_log_snr(2 * entry_half_log_snr).tolist()
         self._grid_sigma_bar = sigma_bar.tolist()
-        self._grid_alpha = torch.sigmoid(2 * lam).sqrt().tolist()
+        self._grid_sqrt_alpha_bar = alpha_bar_from_log_snr(2 * half_log_snr).sqrt().tolist()
         self._slopes: List[torch.Tensor] = []
         self._xbar_start: Optional[torch.Tensor] = None
 
@@ -162,19 +159,19 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
             return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
         nodes, a, b = _TABLEAUS[self.config.solver]
         if s == 0:
-            self._xbar_start = sample / self._grid_alpha[i]  # x̄_i = x_i / √ᾱ_i
+            self._xbar_start = sample / self._grid_sqrt_alpha_bar[i]  # x̄_i = x_i / √ᾱ_i
             self._slopes = []
         self._slopes.append(eps)  # k_s = dx̄/dσ̄ = ε̂ (natural form of the PF-ODE)
         delta = self._grid_sigma_bar[i + 1] - self._grid_sigma_bar[i]
         if s + 1 < len(nodes):  # move to the next stage's point: x̄_i + Δ Σ_j a_{s+1,j} k_j
-            weights, alpha_next = a[s + 1], math.sqrt(self._entry_alpha_bar[j + 1])
+            weights, sqrt_alpha_bar_next = a[s + 1], math.sqrt(self._entry_alpha_bar[j + 1])
         else:  # complete the step: x̄_{i+1} = x̄_i + Δ Σ_j b_j k_j
-            weights, alpha_next = b, self._grid_alpha[i + 1]
+            weights, sqrt_alpha_bar_next = b, self._grid_sqrt_alpha_bar[i + 1]
         xbar = self._xbar_start
         for w, k in zip(weights, self._slopes):
             if w != 0.0:
                 xbar = xbar + (delta * w) * k
-        prev_sample = alpha_next * xbar
+        prev_sample = sqrt_alpha_bar_next * xbar
         if not return_dict:
             return prev_sample, x0
         return TutorialSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -13,8 +13,8 @@ and one reverse Euler–Maruyama step from τ to τ - Δτ is x ← x + (c x + g
 sub-VP) or 0 (VE). The VP SDE is the continuous limit of DDPM: its marginals are *exactly* the model's ᾱ(t)
 (β(t) = -d log ᾱ/dt; for the linear schedule this is Song's β(t) = β_min + t (β_max - β_min) up to O(β²)).
 
-Driving a VP-trained (DDPM) network. A marginal with mean coefficient α and std σ is the VP marginal at the same
-λ = log(α/σ), scaled by c = α / √ᾱ_VP(λ): p(x) = c^{-d} p_VP(x / c). So every grid point is a model λ (placed by
+Driving a VP-trained (DDPM) network. A marginal N(√ᾱ x_0, σ² I) is the VP marginal at the same
+λ = log(√ᾱ/σ), scaled by c = √ᾱ / √ᾱ_VP(λ): p(x) = c^{-d} p_VP(x / c). So every grid point is a model λ (placed by
 `step_placement` inside the model's range [λ_{T-1}, λ_0]) and the network is called at the fractional timestep t(λ)
 of `tutorial_continuous.py` on `scale_model_input(x) = x / c`; then ∇log p(x) = -ε̂ / σ. sub-VP's ᾱ at a model λ
 solves √ᾱ / (1 - ᾱ) = e^{λ}; VE's σ is e^{-λ} (σ ∈ [e^{-λ_0}, e^{-λ_{T-1}}], so VE starts at
@@ -32,26 +32,26 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import STEP_PLACEMENTS, check_choice, expand_to, half_log_snr_at
-from .tutorial_scheduler_output import TutorialSchedulerOutput
+from .tutorial_math import alpha_bar_from_log_snr, check_choice, check_int, expand_to, half_log_snr_at
+from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 SDE_TYPES = ("vp", "subvp", "ve")
 CORRECTORS = ("langevin", "none")
 
 
 def sde_marginal(sde_type: str, half_log_snr: torch.Tensor):
-    """(α, σ, τ, g²) of the SDE's marginal at the model's λ: mean coefficient, std, natural clock, diffusion²."""
-    lam = half_log_snr.to(torch.float64)
+    """(√ᾱ, σ, τ, g²) of the SDE's marginal at the model's λ: mean coefficient, std, natural clock, diffusion²."""
+    half_log_snr = half_log_snr.to(torch.float64)
     if sde_type == "vp":
-        alpha_bar = torch.sigmoid(2 * lam)
-        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), -torch.log(alpha_bar), torch.ones_like(lam)
+        alpha_bar = alpha_bar_from_log_snr(2 * half_log_snr)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), -torch.log(alpha_bar), torch.ones_like(half_log_snr)
     if sde_type == "subvp":
-        r = torch.exp(lam)
+        r = torch.exp(half_log_snr)
         sqrt_alpha_bar = (torch.sqrt(1 + 4 * r * r) - 1) / (2 * r)  # root of r ᾱ + √ᾱ - r = 0 (√ᾱ/(1-ᾱ) = r)
         alpha_bar = sqrt_alpha_bar**2
         return sqrt_alpha_bar, 1 - alpha_bar, -torch.log(alpha_bar), 1 - alpha_bar**2  # g² = 1 - e^{-2τ}, eq. (11)
-    sigma = torch.exp(-lam)  # "ve"
-    return torch.ones_like(lam), sigma, sigma**2, torch.ones_like(lam)
+    sigma = torch.exp(-half_log_snr)  # "ve"
+    return torch.ones_like(half_log_snr), sigma, sigma**2, torch.ones_like(half_log_snr)
 
 
 class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, ConfigMixin):
@@ -109,13 +109,9 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
     ):
         check_choice("sde_type", sde_type, SDE_TYPES)
         check_choice("corrector", corrector, CORRECTORS)
-        check_choice("step_placement", step_placement, STEP_PLACEMENTS)
         if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
             raise ValueError(f"snr={snr!r} must be a finite number > 0 (Song et al. use 0.075-0.17).")
-        if not isinstance(n_corrector_steps, int) or isinstance(n_corrector_steps, bool) or n_corrector_steps < 0:
-            raise ValueError(f"n_corrector_steps={n_corrector_steps!r} must be an integer >= 0.")
-        if not rho > 0:
-            raise ValueError(f"rho={rho!r} must be > 0.")
+        check_int("n_corrector_steps", n_corrector_steps, minimum=0)
         self._init_continuous_schedule()
         _, sigma, _, _ = sde_marginal(sde_type, self.half_log_snr[-1:])
         self.init_noise_sigma = float(sigma[0])  # std of x_{T-1}: ~1 for VP / sub-VP, σ_max for VE
@@ -136,12 +132,12 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
             device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
             timesteps (`list[float]`, *optional*): a custom grid, strictly descending from T-1 to 0.
         """
-        grid, lam = self._grid_from(num_inference_steps, timesteps, self.config.rho)
-        alpha, sigma, tau, g2 = sde_marginal(self.config.sde_type, lam)
-        alpha_bar_vp = torch.sigmoid(2 * lam)
+        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps, self.config.rho)
+        sqrt_alpha_bar, sigma, tau, g2 = sde_marginal(self.config.sde_type, half_log_snr)
+        alpha_bar_vp = alpha_bar_from_log_snr(2 * half_log_snr)
         # Song's corrector step size uses α_i = 1 - β_i of the discrete VP chain (Alg. 5); 1 for VE (Alg. 4).
         if self.config.sde_type == "ve":
-            langevin_alpha = torch.ones_like(lam)
+            langevin_alpha = torch.ones_like(half_log_snr)
         else:
             langevin_alpha = (alpha_bar_vp / self.alpha_bar_at((grid - 1).clamp(min=0))).clamp(max=1.0)
             langevin_alpha[-1] = float(self.alpha_bar[0])
@@ -151,7 +147,7 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         # ---- the one block of mutable state ----------------------------------------------------------------------
         self._use_entries(entries, list(range(0, entries.numel(), self.order)), int(grid.numel()), device)
         self._alpha_bar_vp = alpha_bar_vp.tolist()
-        self._scale = (alpha / alpha_bar_vp.sqrt()).tolist()  # c: x_VP = x / c
+        self._scale = (sqrt_alpha_bar / alpha_bar_vp.sqrt()).tolist()  # c: x_VP = x / c
         self._sigma = sigma.tolist()
         self._tau = tau.tolist()
         self._g2 = g2.tolist()
@@ -182,10 +178,10 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         Returns:
             `torch.Tensor`: x_t in the SDE's scale.
         """
-        lam = half_log_snr_at(torch.as_tensor(timesteps).cpu(), self.half_log_snr)
-        alpha, sigma, _, _ = sde_marginal(self.config.sde_type, lam)
+        half_log_snr = half_log_snr_at(torch.as_tensor(timesteps).cpu(), self.half_log_snr)
+        sqrt_alpha_bar, sigma, _, _ = sde_marginal(self.config.sde_type, half_log_snr)
         x = original_samples
-        return expand_to(alpha.to(x.device), x) * x + expand_to(sigma.to(x.device), x) * noise
+        return expand_to(sqrt_alpha_bar.to(x.device), x) * x + expand_to(sigma.to(x.device), x) * noise
 
     def step(
         self,

@@ -10,7 +10,7 @@ arXiv:2206.00927) need a continuous ᾱ(t). Our definition, used by every file t
 This is exactly diffusers' Euler/Heun convention (`_sigma_to_t` interpolates t linearly in log σ̄, and
 log σ̄ = -λ), so a network already sees such fractional timesteps there. At integer t it is the table itself, so
 an exact model of the table (`GaussianMixture.model`) is also exact for the continuous schedule once it reads ᾱ
-through `tm.alpha_bar_at` (see `continuous_exact_model`). The probability-flow ODE only depends on t through λ, so the
+through `tm.alpha_bar_at` (see `GaussianMixture.model`). The probability-flow ODE only depends on t through λ, so the
 kinks of λ(t) at integers never reach the solvers: they integrate in λ (or σ̄ = e^{-λ}), where everything is smooth.
 
 The sampled interval is t ∈ [0, T-1]: x_{T-1} ~ N(0, I) at the start, and the last model evaluation, at t = 0,
@@ -21,17 +21,18 @@ The functions of that definition (`tm.half_log_snr_at`, `tm.timestep_at`, `tm.al
 `tm.check_custom_grid`) live in `tutorial_math.py`; this file holds the state the continuous samplers share.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import tutorial_math as tm
+from .tutorial_scheduler_common import TutorialSchedulerCommon
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the continuous-time schedulers share
 # ----------------------------------------------------------------------------------------------------------------
-class TutorialContinuousScheduler:
+class TutorialContinuousScheduler(TutorialSchedulerCommon):
     """Mixin: the ᾱ/λ tables, a walk over `self.timesteps` (which may repeat a timestep), and diffusers' helpers.
 
     Subclasses derive from `SchedulerMixin` and `ConfigMixin`, call `_init_continuous_schedule` in their
@@ -41,36 +42,22 @@ class TutorialContinuousScheduler:
     next `step` serves. A fresh scheduler walks the full training grid T-1, ..., 0 (built on first use).
     """
 
-    init_noise_sigma = 1.0
-    order = 1
-
     def _init_continuous_schedule(self) -> None:
+        """Check the config (the shared keys, `step_placement`, `rho`), then build the ᾱ and λ tables."""
         cfg = self.config
-        if not isinstance(cfg.num_train_timesteps, int) or cfg.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps={cfg.num_train_timesteps!r} must be an integer >= 2.")
-        tm.check_choice("prediction_type", cfg.prediction_type, tm.PREDICTION_TYPES)
+        self._check_common_config(min_train_timesteps=2)
         if cfg.rescale_betas_zero_snr:
             raise ValueError(
                 "rescale_betas_zero_snr=True is not supported by the continuous-time samplers: λ_{T-1} = -∞ leaves no "
                 "finite interval to integrate the probability-flow ODE over; allowed: (False,)."
             )
-        if cfg.thresholding and not 0 < cfg.dynamic_thresholding_ratio <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio={cfg.dynamic_thresholding_ratio!r} must lie in (0, 1].")
-        if cfg.thresholding and not cfg.sample_max_value > 0:
-            raise ValueError(
-                f"sample_max_value={cfg.sample_max_value!r} must be > 0 (the largest threshold; below 1 it is the "
-                "threshold itself)."
-            )
-        betas = tm.make_betas(
-            cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas
-        )
-        self.alpha_bar = tm.alpha_bar_from_betas(betas)
+        tm.check_choice("step_placement", cfg.step_placement, tm.STEP_PLACEMENTS)
+        if not cfg.rho > 0:
+            raise ValueError(f"rho={cfg.rho!r} must be > 0.")
+        self._init_tables()
         self.half_log_snr = tm.half_log_snr(self.alpha_bar)
         if not bool((self.half_log_snr[1:] < self.half_log_snr[:-1]).all()):
             raise ValueError("the schedule's log-SNR must strictly decrease in t (every β_t > 0).")
-        self.betas = betas.float()
-        self.alphas = (1.0 - betas).float()
-        self.alphas_cumprod = self.alpha_bar.float()
         # ---- mutable state: the grid (built by set_timesteps, or on first use for a fresh scheduler) --------------
         self.num_inference_steps: Optional[int] = None
         self._timesteps: Optional[torch.Tensor] = None
@@ -112,16 +99,6 @@ class TutorialContinuousScheduler:
         self._begin_index = None
         self._step_index = None
 
-    @property
-    def begin_index(self) -> Optional[int]:
-        """The entry of `timesteps` the sampling loop starts at (set by pipelines with `set_begin_index`)."""
-        return self._begin_index
-
-    @property
-    def step_index(self) -> Optional[int]:
-        """The entry of `timesteps` the next `step` serves (None before the first step)."""
-        return self._step_index
-
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the sampling loop at entry `begin_index` of `timesteps` (img2img, inpainting, SDEdit).
 
@@ -134,8 +111,8 @@ class TutorialContinuousScheduler:
         """
         self._ensure_grid()
         n = len(self._entry_t)
-        k = tm.as_integer("begin_index", begin_index, f"in [0, len(timesteps) - 1 = {n - 1}]")
-        if not 0 <= k < n or k not in self._starts:
+        k = tm.check_int("begin_index", begin_index, 0, n - 1, "len(timesteps) - 1")
+        if k not in self._starts:
             shown = self._starts[:6]
             raise ValueError(
                 f"begin_index={k} is not the first entry of a step of scheduler.timesteps; allowed: {shown}"
@@ -146,12 +123,13 @@ class TutorialContinuousScheduler:
 
     def _walk(self, timestep) -> Tuple[int, bool]:
         """(the entry of `self.timesteps` this `step` serves, whether it begins a loop); advances `step_index`."""
-        t = float(timestep)
         j = self._step_index
         entries = self._entry_t
         if entries is None:
             self._ensure_grid()
             entries = self._entry_t
+        i = tm.entry_index(timestep, self.timesteps)  # an entry of self.timesteps: its value from the host list
+        t = entries[i] if i is not None and len(entries) == len(self.timesteps) else float(timestep)
         if j is not None and j < len(entries) and t == entries[j]:
             self._step_index = j + 1
             return j, False
@@ -170,7 +148,7 @@ class TutorialContinuousScheduler:
     # ---- the continuous schedule -----------------------------------------------------------------------------------
     def alpha_bar_at(self, t) -> torch.Tensor:
         """ᾱ(t) for fractional t, the continuous schedule of this module (λ linear between integers)."""
-        return torch.sigmoid(2 * tm.half_log_snr_at(t, self.half_log_snr))
+        return tm.alpha_bar_from_log_snr(2 * tm.half_log_snr_at(t, self.half_log_snr))
 
     def _grid_from(self, num_inference_steps, timesteps, rho: float):
         """The descending float64 timestep grid from T-1 to 0 and its λ values (validated at the door)."""
@@ -179,16 +157,16 @@ class TutorialContinuousScheduler:
         if timesteps is not None:
             grid = tm.check_custom_grid(timesteps, T)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        num_inference_steps = tm.as_integer("num_inference_steps", num_inference_steps, ">= 2")
-        if num_inference_steps < 2:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 2.")
+        num_inference_steps = tm.check_int("num_inference_steps", num_inference_steps, minimum=2)
         if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        lam = tm.placement_half_log_snrs(num_inference_steps, self.half_log_snr, self.config.step_placement, rho)
-        grid = tm.timestep_at(lam, self.half_log_snr)
+        half_log_snr = tm.placement_half_log_snrs(
+            num_inference_steps, self.half_log_snr, self.config.step_placement, rho
+        )
+        grid = tm.timestep_at(half_log_snr, self.half_log_snr)
         grid[0], grid[-1] = T - 1, 0.0
-        return grid, lam
+        return grid, half_log_snr
 
     def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float):
         if tuple(model_output.shape) != tuple(sample.shape):
@@ -202,10 +180,6 @@ class TutorialContinuousScheduler:
         return x0, eps
 
     # ---- diffusers' helpers ------------------------------------------------------------------------------------------
-    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor, None] = None):
-        """Identity: the state is the VP x_t that the network takes as it is."""
-        return sample
-
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Sample from q(x_t | x_0) = N(√ᾱ(t) x_0, (1 - ᾱ(t)) I) (DDPM eq. (4)), t possibly fractional.
 
@@ -224,6 +198,3 @@ class TutorialContinuousScheduler:
         """The v-prediction target v = √ᾱ(t) ε - √(1 - ᾱ(t)) x_0 (Salimans & Ho 2022); `sample` is x_0."""
         alpha_bar = self.alpha_bar_at(torch.as_tensor(timesteps).cpu()).to(sample.device)
         return tm.velocity(sample, noise, alpha_bar)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

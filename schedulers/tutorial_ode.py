@@ -6,7 +6,7 @@ and `tune_timesteps`, which places a sampler's grid by the distance of its outpu
 
 A leaf beside the samplers: it imports only `tutorial_math.py`. The samplers (`scheduling_tutorial_pf_ode.py`,
 `scheduling_tutorial_dpmpp.py`) do not need it to step; they re-export its names where they were first defined, and
-the likelihoods (`custom_pipelines/tutorial_likelihood.py`) reuse `dormand_prince`.
+the likelihoods (`tutorial_likelihood.py`) reuse `pf_ode_field` and `dormand_prince`.
 """
 
 import math
@@ -15,7 +15,15 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .tutorial_math import half_log_snr, half_log_snr_at, model_output_to_x0, model_output_to_x0_eps, timestep_at
+from .tutorial_math import (
+    alpha_bar_from_log_snr,
+    check_int,
+    half_log_snr,
+    half_log_snr_at,
+    model_output_to_x0,
+    model_output_to_x0_eps,
+    timestep_at,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,8 +71,7 @@ def check_tolerances(rtol: float, atol: float, max_evals: int) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
             raise ValueError(f"{name}={value!r} must be a finite number > 0.")
-    if not isinstance(max_evals, int) or isinstance(max_evals, bool) or max_evals < 7:
-        raise ValueError(f"max_evals={max_evals!r} must be an integer >= 7 (one Dormand–Prince step).")
+    check_int("max_evals", max_evals, minimum=7, reason="one Dormand–Prince step")
 
 
 def dormand_prince(
@@ -133,22 +140,40 @@ def dormand_prince(
     return ODESolution(sample=y, num_evals=nfe, num_steps=steps, num_rejected=rejected)
 
 
-def pf_ode_field(model: Callable, scheduler) -> Callable[[float, torch.Tensor], torch.Tensor]:
+def describe_position(half_log_snr_table: torch.Tensor) -> Callable[[float], str]:
+    """Formats a position λ of the adaptive solver for its error messages, with the model's timestep t(λ)."""
+
+    def describe(half_log_snr: float) -> str:
+        t = float(timestep_at(torch.tensor(half_log_snr, dtype=torch.float64), half_log_snr_table))
+        return f"λ={half_log_snr:.4g} (t={t:.4g})"
+
+    return describe
+
+
+def pf_ode_field(
+    model: Callable, alpha_bar: torch.Tensor, prediction_type: str, return_eps: bool = False
+) -> Callable[[float, torch.Tensor], torch.Tensor]:
     """The PF-ODE in λ for a VP model: dx/dλ = σ(λ)² x - σ(λ) ε̂(x, t(λ)), σ² = 1 - ᾱ = sigmoid(-2λ).
 
     Args:
         model (`Callable`): `model(x_t, t) -> output` with t a 0-d float64 tensor (possibly fractional).
-        scheduler: any scheduler of ours with `alpha_bar` and `config.prediction_type`.
-    """
-    lam_table = half_log_snr(scheduler.alpha_bar)
-    prediction_type = scheduler.config.prediction_type
+        alpha_bar (`torch.Tensor`): the model's ᾱ table (float64), which defines t(λ).
+        prediction_type (`str`): what the model predicts, one of `tutorial_math.PREDICTION_TYPES`.
+        return_eps (`bool`, defaults to `False`): the field returns `(dx/dλ, ε̂)`, for callers that differentiate ε̂
+            (the likelihood's divergence).
 
-    def field(lam: float, x: torch.Tensor) -> torch.Tensor:
-        t = timestep_at(torch.tensor(lam, dtype=torch.float64), lam_table)
-        alpha_bar = 1.0 / (1.0 + math.exp(-2 * lam))
-        _, eps = model_output_to_x0_eps(model(x, t), x, alpha_bar, prediction_type)
-        sigma2 = 1.0 - alpha_bar
-        return sigma2 * x - math.sqrt(sigma2) * eps
+    Returns:
+        `Callable`: `field(half_log_snr, x)`, the drift dx/dλ (and ε̂ when `return_eps`).
+    """
+    half_log_snr_table = half_log_snr(alpha_bar)
+
+    def field(half_log_snr: float, x: torch.Tensor) -> torch.Tensor:
+        t = timestep_at(torch.tensor(half_log_snr, dtype=torch.float64), half_log_snr_table)
+        alpha_bar_t = alpha_bar_from_log_snr(2 * half_log_snr)
+        _, eps = model_output_to_x0_eps(model(x, t), x, alpha_bar_t, prediction_type)
+        sigma2 = 1.0 - alpha_bar_t
+        drift = sigma2 * x - math.sqrt(sigma2) * eps
+        return (drift, eps) if return_eps else drift
 
     return field
 
@@ -184,16 +209,14 @@ def solve_pf_ode(
     for name, value in (("t_start", t_start), ("t_end", float(t_end))):
         if not 0 <= value <= T - 1:
             raise ValueError(f"{name}={value!r} must lie in [0, {T - 1}] (the model's timesteps).")
-    lam_table = half_log_snr(scheduler.alpha_bar)
-    lam0 = float(half_log_snr_at(t_start, lam_table))
-    lam1 = float(half_log_snr_at(float(t_end), lam_table))
-
-    def describe(lam: float) -> str:
-        return f"λ={lam:.4g} (t={float(timestep_at(torch.tensor(lam, dtype=torch.float64), lam_table)):.4g})"
-
-    solution = dormand_prince(pf_ode_field(model, scheduler), sample, lam0, lam1, rtol, atol, max_evals, describe)
+    half_log_snr_table = half_log_snr(scheduler.alpha_bar)
+    start = float(half_log_snr_at(t_start, half_log_snr_table))
+    end = float(half_log_snr_at(float(t_end), half_log_snr_table))
+    field = pf_ode_field(model, scheduler.alpha_bar, scheduler.config.prediction_type)
+    describe = describe_position(half_log_snr_table)
+    solution = dormand_prince(field, sample, start, end, rtol, atol, max_evals, describe)
     if denoise:
-        alpha_bar = 1.0 / (1.0 + math.exp(-2 * lam1))
+        alpha_bar = alpha_bar_from_log_snr(2 * end)
         t = torch.tensor(float(t_end), dtype=torch.float64)
         solution.sample = model_output_to_x0(
             model(solution.sample, t), solution.sample, alpha_bar, scheduler.config.prediction_type
@@ -242,18 +265,19 @@ def tune_timesteps(
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 3 to tune.")
     if reference is None:
         reference = solve_pf_ode(model, scheduler, calibration_noise, reference_tol, reference_tol, 10**6).sample
-    lam_table = scheduler.half_log_snr
-    lam_min, lam_max = float(lam_table[-1]), float(lam_table[0])
+    half_log_snr_table = scheduler.half_log_snr
+    half_log_snr_min, half_log_snr_max = float(half_log_snr_table[-1]), float(half_log_snr_table[0])
     scheduler.set_timesteps(num_inference_steps)
-    start = torch.tensor(scheduler._lam if hasattr(scheduler, "_lam") else [], dtype=torch.float64)
+    start = torch.tensor(scheduler._half_log_snr if hasattr(scheduler, "_half_log_snr") else [], dtype=torch.float64)
     if start.numel() != num_inference_steps:  # schedulers with stage points: start from the λ-uniform grid
-        start = torch.linspace(lam_min, lam_max, num_inference_steps, dtype=torch.float64)
+        start = torch.linspace(half_log_snr_min, half_log_snr_max, num_inference_steps, dtype=torch.float64)
     theta = torch.log(start.diff())
 
     def grid_of(theta: torch.Tensor) -> List[float]:
-        lam = lam_min + torch.cat([theta.new_zeros(1), torch.cumsum(torch.softmax(theta, 0), 0)]) * (lam_max - lam_min)
-        t = timestep_at(lam.clamp(lam_min, lam_max), lam_table)
-        t[0], t[-1] = lam_table.numel() - 1, 0.0
+        fractions = torch.cat([theta.new_zeros(1), torch.cumsum(torch.softmax(theta, 0), 0)])
+        half_log_snr = half_log_snr_min + fractions * (half_log_snr_max - half_log_snr_min)
+        t = timestep_at(half_log_snr.clamp(half_log_snr_min, half_log_snr_max), half_log_snr_table)
+        t[0], t[-1] = half_log_snr_table.numel() - 1, 0.0
         return t.tolist()
 
     def loss(theta: torch.Tensor) -> float:

@@ -54,6 +54,8 @@ ALLOWED_FILES = re.compile(
     r"random_states_\d+\.json)$"
 )
 FORMAT_VERSION = 2
+# Keys of an optimizer's param group that choose its kernel, not its math: taken from the running optimizer on resume.
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +357,11 @@ def load_checkpoint(run, path: str, saved: Tuple[Dict, Dict, Optional[Dict]]) ->
     settings = run.settings
     try:
         run.unwrapped.load_state_dict(tensors[MODEL_FILE])
-        run.optimizer.load_state_dict(join_optimizer_state(tensors[OPTIMIZER_FILE], state["optimizer"]))
+        saved_optimizer = join_optimizer_state(tensors[OPTIMIZER_FILE], state["optimizer"])
+        for saved_group, group in zip(saved_optimizer["param_groups"], run.optimizer.param_groups):
+            # the kernel choice is this run's (--adam_fused), not the writer's: torch reads it while loading
+            saved_group.update({k: group[k] for k in OPTIMIZER_IMPLEMENTATION if k in group})
+        run.optimizer.load_state_dict(saved_optimizer)
         run.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if run.ema is not None:
             run.ema.load(tensors[EMA_FILE], state["ema"])

@@ -246,8 +246,15 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
+    def _generator(self, index: int, epoch: Optional[int] = None) -> torch.Generator:
+        epoch = self.epoch if epoch is None else epoch
+        return torch.Generator().manual_seed(hash((self.seed, epoch, index)) % (2**63))
+
+    def flips(self, epoch: int) -> torch.Tensor:
+        """Which images `__getitem__` flips in `epoch` (a bool tensor of length N), for images that need no crop."""
+        return torch.tensor(
+            [bool(torch.rand((), generator=self._generator(i, epoch)) < 0.5) for i in range(len(self))]
+        )
 
     def __getitem__(self, index: int):
         x = self.images[index]
@@ -340,3 +347,54 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(range(self.num_samples))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
+class DeviceBatches:
+    """The training batches drawn on the device from images kept there (`--data_on_device`): no DataLoader.
+
+    The same batches as a `DataLoader(dataset, batch_size, sampler=EpochSampler(N, seed), drop_last=True)` that
+    accelerate shards over `num_processes`: accelerate gives process p the batches p, p + n, p + 2n, ... of the
+    epoch's order, that is rows [p B, (p + 1) B) of every global batch of n B images, which is what `epoch` yields.
+    Flips are the dataset's own (a function of (seed, epoch, index)). An epoch's order and flips are copied to the
+    device once; within the epoch nothing is read back from it.
+
+    Args:
+        dataset (`ImageTensorDataset`): images as one (N, C, H, W) tensor (no per-epoch crops).
+        batch_size (`int`): images per process and batch.
+        num_processes (`int`), process_index (`int`): this process's shard.
+        device (`torch.device`): where the images are kept and the batches made.
+        seed (`int`): the seed of the `EpochSampler` order.
+    """
+
+    def __init__(self, dataset, batch_size: int, num_processes: int, process_index: int, device, seed: int):
+        if not torch.is_tensor(dataset.images):
+            raise ValueError("DeviceBatches needs the images as one tensor (all of the training resolution).")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.images = dataset.images.to(device)
+        self.labels = None if dataset.labels is None else dataset.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.dataset) // (self.batch_size * self.num_processes)
+
+    def tensors(self):
+        """The tensors kept on the device, by name."""
+        found = {"data.images": self.images}
+        if self.labels is not None:
+            found["data.labels"] = self.labels
+        return found
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """The batches of `epoch` for this process, from its `skip`-th on; each a dict like the DataLoader's."""
+        device = self.images.device
+        sampler = EpochSampler(len(self.dataset), seed=self.seed)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long).to(device)
+        flips = self.dataset.flips(epoch).to(device) if self.dataset.random_flip else None
+        b, n, p = self.batch_size, self.num_processes, self.process_index
+        for k in range(skip, len(self)):
+            index = order[(k * n + p) * b : (k * n + p + 1) * b]
+            x = self.images[index]
+            if flips is not None:
+                x = torch.where(flips[index].view(-1, 1, 1, 1), x.flip(-1), x)
+            yield {"images": x} if self.labels is None else {"images": x, "labels": self.labels[index]}

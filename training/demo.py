@@ -22,7 +22,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
-from training.evaluate import digits_metrics, make_grid, sample_sharded
+from training.grids import make_grid
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 SAMPLERS = (
     ("ddpm-1000", TutorialDDPMScheduler, 1000),

@@ -35,7 +35,7 @@ def make_pipeline(unet, args: argparse.Namespace):
 
 def validation_samples(accelerator, unet, args, num_samples: int) -> torch.Tensor:
     """`num_samples` samples in [-1, 1], sharded over processes and gathered (identical to a 1-process run)."""
-    from training.evaluate import sample_sharded
+    from training.sampling import sample_sharded
 
     scheduler = make_scheduler(args, args.validation_scheduler)
     labels = samples_labels(args, num_samples)
@@ -53,7 +53,8 @@ def validation_samples(accelerator, unet, args, num_samples: int) -> torch.Tenso
 
 def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[str] = None):
     """Sample with the EMA weights, save a grid, and on the digits compute the metrics; returns (metrics, samples)."""
-    from training.evaluate import digits_metrics, save_grid
+    from training.grids import save_grid
+    from training.metrics import digits_metrics
 
     unet = accelerator.unwrap_model(model)
     was_training = unet.training
@@ -102,7 +103,7 @@ def save_pipeline(accelerator, model, ema, args, samples: Optional[torch.Tensor]
 
 def make_grid_image(samples: torch.Tensor, args):
     """The sample grid shown in the model card: the first `eval_batch_size` samples, enlarged 4x."""
-    from training.evaluate import make_grid
+    from training.grids import make_grid
 
     grid = make_grid(samples[: args.eval_batch_size])
     return grid.resize((grid.width * 4, grid.height * 4), resample=0)

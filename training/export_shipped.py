@@ -32,7 +32,8 @@ if __package__ in (None, ""):
 
 import custom_pipelines
 import schedulers
-from custom_pipelines.tutorial_pipeline_utils import MODEL_INDEX, TutorialPipelineBase
+from custom_pipelines.tutorial_pipeline_folder import MODEL_INDEX
+from custom_pipelines.tutorial_pipeline_utils import TutorialPipelineBase
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINED = ROOT / "training" / "pretrained"

@@ -1,6 +1,5 @@
 """The UNet to train: the small default for the resolution, or a user's config, checked against the data."""
 
-import argparse
 from typing import Dict, Optional
 
 from diffusers import UNet2DModel
@@ -25,27 +24,38 @@ def default_unet_config(resolution: int, channels: int, num_class_embeds: Option
     )
 
 
-def build_model(args: argparse.Namespace, channels: int) -> UNet2DModel:
-    """The UNet to train (the small default, or `--model_config_name_or_path`), checked against the data."""
+def load_unet_config(model_config_name_or_path: str) -> Dict:
+    """The `UNet2DModel` config of `--model_config_name_or_path` (a folder or a config.json), read once."""
+    try:
+        return dict(UNet2DModel.load_config(model_config_name_or_path))
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"--model_config_name_or_path={model_config_name_or_path!r}: {err}") from err
+
+
+def build_model(settings, channels: int) -> UNet2DModel:
+    """The UNet to train (the small default, or the config of `--model_config_name_or_path`), checked against the data.
+
+    Args:
+        settings (`Settings`): the resolved settings; `settings.unet_config` is the user's config (read once by
+            `resolve_settings`) or None for the small default.
+        channels (`int`): the data's channel count.
+    """
     # One extra class index, `num_class_embeds`, is the "no label" class of classifier-free guidance.
-    num_embeds = args.num_class_embeds + 1 if args.num_class_embeds else None
-    if args.model_config_name_or_path is None:
-        model = UNet2DModel(**default_unet_config(args.resolution, channels, num_embeds))
+    num_embeds = settings.num_class_embeds + 1 if settings.num_class_embeds else None
+    config = settings.unet_config
+    if config is None:
+        model = UNet2DModel(**default_unet_config(settings.resolution, channels, num_embeds))
     else:
-        try:
-            config = UNet2DModel.load_config(args.model_config_name_or_path)
-        except (OSError, ValueError) as err:
-            raise TrainingError(f"--model_config_name_or_path={args.model_config_name_or_path!r}: {err}") from err
         model = UNet2DModel.from_config(config)
-        if model.config.in_channels != channels or model.config.sample_size != args.resolution:
+        if model.config.in_channels != channels or model.config.sample_size != settings.resolution:
             raise TrainingError(
-                f"--model_config_name_or_path={args.model_config_name_or_path!r} has in_channels="
+                f"--model_config_name_or_path={settings.model_config_name_or_path!r} has in_channels="
                 f"{model.config.in_channels}, sample_size={model.config.sample_size}; the data has {channels} "
-                f"channel(s) at --resolution={args.resolution}."
+                f"channel(s) at --resolution={settings.resolution}."
             )
         if num_embeds is not None and model.config.num_class_embeds != num_embeds:
             model = UNet2DModel.from_config(config, num_class_embeds=num_embeds)
-    check_resolution(model, args.resolution)
+    check_resolution(model, settings.resolution)
     return model
 
 

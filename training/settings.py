@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
+from training.model import load_unet_config
 from training.precision import MIXED_PRECISIONS, resolve_mixed_precision, uses_cpu
 
 DESCRIPTION = "Train a UNet2DModel denoiser with accelerate, and leave behind a self-contained pipeline folder."
@@ -76,6 +77,10 @@ RUN_DEFINING_FLAGS = (
     "use_ema",
 )
 
+
+SWITCH = ("auto", "yes", "no")  # the choices of the throughput switches; 'auto' resolves by device
+SWITCHES = ("data_on_device", "channels_last", "adam_fused")  # resolved to booleans by `resolve_settings`
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 NOT_RECORDED = ("hub_token", "local_rank", "resume_from_checkpoint", "overwrite_output_dir")  # never written out
 
@@ -207,6 +212,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "AVX512-BF16 or AMX, a CUDA GPU with bf16), otherwise 'no' (float32). On CPU, attention stays in float32. "
         "'fp16' (with accelerate's loss scaling) needs a CUDA GPU; 'bf16' on a GPU needs one that has bf16.",
     )
+    # ---- throughput (each 'auto' is on where it helps: on a GPU, off on the CPU) ----
+    p.add_argument(
+        "--data_on_device",
+        type=str,
+        default="auto",
+        choices=SWITCH,
+        help="Keep the decoded images on the accelerator and draw batches there (no DataLoader, no copy per step); "
+        "'auto': on a GPU when the images are one tensor that fits in a quarter of the free memory.",
+    )
+    p.add_argument(
+        "--channels_last",
+        type=str,
+        default="auto",
+        choices=SWITCH,
+        help="Channels-last memory format for the UNet (tensor-core convolutions); 'auto': on a GPU.",
+    )
+    p.add_argument(
+        "--adam_fused",
+        type=str,
+        default="auto",
+        choices=SWITCH,
+        help="torch's fused AdamW kernel (one launch per update); 'auto': on a CUDA GPU.",
+    )
+    p.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet's forward (slow first step).")
+    p.add_argument("--torch_compile_mode", type=str, default="default", choices=COMPILE_MODES)
     p.add_argument("--logger", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
     p.add_argument("--logging_dir", type=str, default="logs")
     p.add_argument(
@@ -347,35 +377,37 @@ def uses_digits(args) -> bool:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    """Resolve `--mixed_precision auto`, the model-dependent defaults (`PRESETS`) and the channel count, once."""
-    if args.model_config_name_or_path is None:
+    """Resolve `auto` values, the model-dependent defaults (`PRESETS`) and the channel count, once.
+
+    The user's UNet config (`--model_config_name_or_path`) is read here, once, and kept as `unet_config` (None for
+    the built-in small UNet); the throughput switches (`SWITCH`) become booleans, on where the run is on a GPU.
+    """
+    cpu = uses_cpu()
+    unet_config = None if args.model_config_name_or_path is None else load_unet_config(args.model_config_name_or_path)
+    if unet_config is None:
         preset, defaults = "small-unet", PRESETS["small-unet"]
     else:
-        preset, defaults = "width-scaled", width_scaled_defaults(widest_block(args.model_config_name_or_path))
+        preset, defaults = "width-scaled", width_scaled_defaults(widest_block(unet_config))
     resolved = {name: value for name, value in defaults.items() if getattr(args, name) is None}
+    switches = {name: getattr(args, name) == "yes" or (getattr(args, name) == "auto" and not cpu) for name in SWITCHES}
     return Settings(
         **{
             **vars(args),
             **resolved,
+            **switches,
+            "requested_data_on_device": args.data_on_device,
+            "unet_config": unet_config,
             "preset": preset,
-            "mixed_precision": resolve_mixed_precision(args.mixed_precision, uses_cpu()),
+            "mixed_precision": resolve_mixed_precision(args.mixed_precision, cpu),
             "requested_mixed_precision": args.mixed_precision,
             "num_channels": args.num_channels or (1 if uses_digits(args) else 3),
         }
     )
 
 
-def widest_block(model_config_name_or_path: str) -> int:
-    """The widest `block_out_channels` of a UNet2DModel config (folder or config.json)."""
-    from diffusers import UNet2DModel
-
-    from training.errors import TrainingError
-
-    try:
-        config = UNet2DModel.load_config(model_config_name_or_path)
-    except (OSError, ValueError) as err:
-        raise TrainingError(f"--model_config_name_or_path={model_config_name_or_path!r}: {err}") from err
-    return max(config.get("block_out_channels", (224, 448, 672, 896)))  # UNet2DModel's default when unset
+def widest_block(unet_config: Dict) -> int:
+    """The widest `block_out_channels` of a UNet2DModel config."""
+    return max(unet_config.get("block_out_channels", (224, 448, 672, 896)))  # UNet2DModel's default when unset
 
 
 def recorded_flags(settings: Settings) -> Dict:

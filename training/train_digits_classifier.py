@@ -18,7 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.data import load_digits_tensors
-from training.evaluate import CLASSIFIER_WEIGHTS, DigitsClassifier
+from training.digits_classifier import CLASSIFIER_WEIGHTS, DigitsClassifier
 
 
 def train_classifier(steps: int = 3000, lr: float = 3e-3, noise_std: float = 0.1, seed: int = 0) -> DigitsClassifier:

@@ -19,19 +19,22 @@ repeats an uninterrupted one exactly.
 
 Every tensor of the training state (model, optimizer state, EMA, noise-schedule table, loss buffer) lives on
 `accelerator.device`; the loop reads numbers from the device only every `--logging_steps` updates and before a
-checkpoint (where a non-finite loss stops the run before anything non-finite is saved).
+checkpoint (where a non-finite loss stops the run before anything non-finite is saved). On a GPU the throughput
+switches default to on (`--data_on_device`, `--channels_last`, `--adam_fused`; `--torch_compile` is asked for): they
+act in `training/training_run.py` and change no number of the run beyond a kernel's rounding.
+
+Where things live: flags and their resolution in `settings.py`, the run's state and its preparation in
+`training_run.py`, the loss record in `loss_log.py`, checkpoints in `checkpoints.py`, export and the model card in
+`export.py`; this file is the story and the loss.
 """
 
 import argparse
 import contextlib
-import json
 import logging
-import math
 import os
 import signal
 import sys
-import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -40,8 +43,6 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch training/tr
 
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from schedulers import tutorial_math as tm
@@ -55,8 +56,6 @@ from training.checkpoints import (  # noqa: F401  (this module's API since the s
     save_checkpoint,
     truncate_records,
 )
-from training.data import EpochSampler, build_dataset
-from training.ema import EMA
 from training.errors import TrainingError
 from training.export import (  # noqa: F401
     ema_weights,
@@ -68,22 +67,13 @@ from training.export import (  # noqa: F401
     validation_samples,
     write_metrics,
 )
-from training.model import build_model, default_unet_config  # noqa: F401
-from training.output_folder import LOSSES
-from training.precision import Float32AttnProcessor, resolve_mixed_precision, use_float32_attention, uses_cpu  # noqa: F401
-from training.settings import (  # noqa: F401
-    Settings,
-    make_scheduler,
-    parse_args,
-    recorded_flags,
-    resolve_settings,
-)
+from training.loss_log import LossLog
+from training.model import build_model
+from training.precision import resolve_mixed_precision, uses_cpu  # noqa: F401
+from training.settings import Settings, make_scheduler, parse_args, recorded_flags, resolve_settings  # noqa: F401
+from training.training_run import TrainingRun, load_training_data, max_train_steps, prepare_training
 
 logger = logging.getLogger("train_unconditional")
-
-# The loss must have fallen by then: the mean of updates (N - 49 .. N) below LOSS_PLATEAU_RATIO x that of 1 .. 10.
-LOSS_PLATEAU_CHECK_UPDATE = 300
-LOSS_PLATEAU_RATIO = 0.8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,109 +133,8 @@ def diffusion_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training state, on accelerator.device, and one update
+# One update
 # ----------------------------------------------------------------------------------------------------------------
-class TrainState:
-    """The loop's position, saved in every checkpoint next to the model, optimizer, LR schedule, EMA and RNGs."""
-
-    def __init__(self):
-        self.global_step = 0  # optimizer updates done
-        self.micro_step = 0  # micro-batches consumed (= global_step * gradient_accumulation_steps)
-        self.images_seen = 0
-
-    def state_dict(self) -> Dict:
-        return {"global_step": self.global_step, "micro_step": self.micro_step, "images_seen": self.images_seen}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.global_step = int(state["global_step"])
-        self.micro_step = int(state["micro_step"])
-        self.images_seen = int(state["images_seen"])
-
-
-class TrainingRun:
-    """Everything one run trains and keeps: built by `prepare_training`, advanced by `micro_step` and `update`.
-
-    Attributes:
-        model, optimizer, dataloader: as returned by `accelerator.prepare` (the model may be DDP-wrapped).
-        lr_scheduler: stepped once per update, by us. ema (`EMA` or None): on the model's device.
-        noise_scheduler: our scheduler whose `add_noise` defines q(x_t | x_0). alpha_bar: its ᾱ table, on the device.
-        update_loss: the loss of the update being accumulated, on the device. state (`TrainState`).
-    """
-
-    def __init__(self, settings, accelerator, model, optimizer, dataloader, lr_scheduler, ema, noise_scheduler):
-        self.settings, self.accelerator = settings, accelerator
-        self.model, self.optimizer, self.dataloader = model, optimizer, dataloader
-        self.lr_scheduler, self.ema, self.noise_scheduler = lr_scheduler, ema, noise_scheduler
-        self.alpha_bar = noise_scheduler.alpha_bar.to(accelerator.device)
-        self.update_loss = torch.zeros((), device=accelerator.device)
-        self.state = TrainState()
-
-    @property
-    def unwrapped(self) -> UNet2DModel:
-        return self.accelerator.unwrap_model(self.model)
-
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        """Every tensor the run holds, by name (the device-placement tests check that all are on the device).
-
-        The optimizer's per-parameter `step` counters are left out: torch keeps them on the CPU by design for
-        non-capturable optimizers (they are host-side counters, not data of the computation).
-        """
-        found = {f"model.{n}": t for n, t in self.unwrapped.state_dict(keep_vars=True).items()}
-        found.update({f"grad.{n}": p.grad for n, p in self.unwrapped.named_parameters() if p.grad is not None})
-        for index, per_param in self.optimizer.state_dict()["state"].items():
-            found.update({f"optimizer.{index}.{k}": v for k, v in per_param.items() if torch.is_tensor(v)})
-        found = {k: v for k, v in found.items() if not k.endswith(".step")}
-        if self.ema is not None:
-            found.update({f"ema.{i}": s for i, s in enumerate(self.ema.shadow_params)})
-        found["alpha_bar"] = self.alpha_bar
-        found["update_loss"] = self.update_loss
-        scheduler_tables = {k: v for k, v in vars(self.noise_scheduler).items() if torch.is_tensor(v) and k[0] == "_"}
-        found.update({f"noise_scheduler.{k}": v for k, v in scheduler_tables.items()})  # its device caches
-        return found
-
-
-def prepare_training(settings: Settings, accelerator: Accelerator, model, dataloader) -> TrainingRun:
-    """Optimizer, `accelerator.prepare`, then what follows the model onto its device: EMA, LR schedule, tables."""
-    if settings.mixed_precision != "no" and accelerator.device.type == "cpu":
-        use_float32_attention(model)
-    # The optimizer is built on the parameters where they will live: a move that makes new parameter tensors (as
-    # some devices' do) would otherwise leave it holding the old ones.
-    model = model.to(accelerator.device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=settings.learning_rate,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        weight_decay=settings.adam_weight_decay,
-        eps=settings.adam_epsilon,
-    )
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    ema = None
-    if settings.use_ema:  # created from the prepared model's parameters: on accelerator.device with them
-        params = accelerator.unwrap_model(model).parameters()
-        ema = EMA(params, settings.ema_max_decay, settings.ema_inv_gamma, settings.ema_power)
-    lr_scheduler = get_scheduler(
-        settings.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=settings.lr_warmup_steps,
-        num_training_steps=max_train_steps(settings, len(dataloader)),
-    )
-    noise_scheduler = make_scheduler(settings, settings.train_scheduler)
-    return TrainingRun(settings, accelerator, model, optimizer, dataloader, lr_scheduler, ema, noise_scheduler)
-
-
-def max_train_steps(settings: Settings, batches_per_epoch: int) -> int:
-    """`--max_train_steps`, or the updates in `--num_epochs` epochs of `batches_per_epoch` (per process)."""
-    steps = (
-        settings.max_train_steps or (settings.num_epochs * batches_per_epoch) // settings.gradient_accumulation_steps
-    )
-    if steps < 1:
-        raise TrainingError(
-            f"--num_epochs={settings.num_epochs} gives no full update of "
-            f"{settings.gradient_accumulation_steps} batch(es)."
-        )
-    return steps
-
-
 def micro_step(run: TrainingRun, batch: Dict, is_update: bool) -> None:
     """Forward and backward of one micro-batch; its loss joins `run.update_loss` (on the device, not read)."""
     settings, accelerator = run.settings, run.accelerator
@@ -274,92 +163,6 @@ def update(run: TrainingRun) -> torch.Tensor:
         settings.train_batch_size * accelerator.num_processes * settings.gradient_accumulation_steps
     )
     return loss
-
-
-class LossLog:
-    """Per-update losses kept on the device and read every `--logging_steps` updates (the loop's only regular host
-    synchronisation): checked for finiteness, written to `losses.jsonl`, the trackers and the progress bar."""
-
-    def __init__(self, run: "TrainingRun", progress):
-        self.run, self.progress = run, progress
-        self.pending: List[Tuple[int, torch.Tensor]] = []
-        self.history: List[float] = []  # every update's loss in this process (for the plateau warning)
-        self.plateau_checked = False
-        self.last_checkpoint: Optional[str] = None  # named when the run diverges
-        self.reset_clock()
-
-    def reset_clock(self) -> None:
-        self.tic, self.images = time.perf_counter(), 0
-
-    def add(self, step: int, loss: torch.Tensor, images: int) -> None:
-        self.pending.append((step, loss))
-        self.images += images
-
-    def read(self, accelerator) -> List[Tuple[int, float]]:
-        """The pending (update, loss) pairs, averaged over processes, as Python floats."""
-        if not self.pending:
-            return []
-        values = torch.stack([loss for _, loss in self.pending])
-        if accelerator.num_processes > 1:
-            values = accelerator.reduce(values, reduction="mean")
-        rows = list(zip([step for step, _ in self.pending], values.tolist()))
-        self.pending = []
-        self.history.extend(v for _, v in rows)
-        return rows
-
-    def flush(self) -> None:
-        """Read the pending losses, stop on a non-finite one (`check_losses`), log them, warn on a plateau."""
-        run, accelerator, settings = self.run, self.run.accelerator, self.run.settings
-        rows = self.read(accelerator)
-        check_losses(rows, settings, self.last_checkpoint)
-        if not rows:
-            return
-        elapsed = time.perf_counter() - self.tic
-        rate = self.images / elapsed if elapsed > 0 else 0.0
-        for step, loss in rows:
-            accelerator.log({"loss": loss}, step=step)
-        logs = {"lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": rate}
-        if run.ema is not None:
-            logs["ema_decay"] = run.ema.last_decay
-        accelerator.log(logs, step=rows[-1][0])
-        self.progress.set_postfix(loss=f"{rows[-1][1]:.4f}", img_s=f"{rate:.0f}")
-        if accelerator.is_main_process:
-            with open(os.path.join(settings.output_dir, LOSSES), "a") as f:
-                f.writelines(json.dumps({"step": s, "loss": v}) + "\n" for s, v in rows)
-        if not self.plateau_checked and len(self.history) >= LOSS_PLATEAU_CHECK_UPDATE:
-            self.plateau_checked = True
-            warning = loss_plateau_warning(self.history, settings)
-            if warning:
-                logger.warning(warning)
-
-
-def check_losses(rows: List[Tuple[int, float]], settings: Settings, last_checkpoint: Optional[str]) -> None:
-    """Stop at the first non-finite loss, naming the update and `--learning_rate`; nothing after it is saved."""
-    for step, loss in rows:
-        if not math.isfinite(loss):
-            kept = (
-                f"the last good checkpoint is {last_checkpoint!r}" if last_checkpoint else "no checkpoint was written"
-            )
-            raise TrainingError(
-                f"the loss is {loss} at update {step}: training diverged and stopped before saving anything "
-                f"non-finite ({kept}). Lower --learning_rate (now {settings.learning_rate:g}), or check the data "
-                f"and --max_grad_norm (now {settings.max_grad_norm:g})."
-            )
-
-
-def loss_plateau_warning(history: List[float], settings: Settings) -> Optional[str]:
-    """A warning when the loss has not fallen after `LOSS_PLATEAU_CHECK_UPDATE` updates (None when it has)."""
-    n = LOSS_PLATEAU_CHECK_UPDATE
-    if len(history) < n:
-        return None
-    first, recent = sum(history[:10]) / 10, sum(history[n - 50 : n]) / 50
-    if recent < LOSS_PLATEAU_RATIO * first:
-        return None
-    return (
-        f"the loss has not fallen in {n} updates (mean {first:.4f} over updates 1-10, {recent:.4f} over "
-        f"{n - 49}-{n}): the model is not learning. Try another --learning_rate (now {settings.learning_rate:g}; "
-        "1e-4 suits most real-size UNets) and check --lr_warmup_steps and the data."
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,54 +238,10 @@ def train(
         raise
 
 
-def load_training_data(settings: Settings, accelerator: Accelerator):
-    """The training set, decoded once (errors in the data are `TrainingError`s naming the file or flag)."""
-    try:
-        dataset = build_dataset(
-            settings.dataset_name,
-            settings.train_data_dir,
-            settings.resolution,
-            settings.num_channels,
-            settings.center_crop,
-            settings.random_flip,
-            settings.dataset_config_name,
-            settings.cache_dir,
-            settings.skip_broken_images,
-            settings.seed,
-            settings.image_column,
-            settings.label_column,
-        )
-    except ValueError as err:
-        raise TrainingError(str(err)) from err
-    if dataset.num_skipped:
-        logger.warning("skipped %d unreadable image file(s) (--skip_broken_images).", dataset.num_skipped)
-    if settings.max_train_samples is not None:
-        dataset.images, dataset.labels = (
-            dataset.images[: settings.max_train_samples],
-            (None if dataset.labels is None else dataset.labels[: settings.max_train_samples]),
-        )
-    if settings.num_class_embeds and dataset.labels is None:
-        raise TrainingError("--num_class_embeds needs labels, and the dataset has no label column.")
-    if len(dataset) < settings.train_batch_size * accelerator.num_processes:
-        raise TrainingError(
-            f"the dataset has {len(dataset)} images, fewer than one global batch "
-            f"(--train_batch_size={settings.train_batch_size} x {accelerator.num_processes} processes)."
-        )
-    return dataset
-
-
 def run_training(settings, accelerator, dataset, model, resume_path, saved, changed, should_stop, argv) -> Dict:
     """Prepare, resume, loop over updates, save: `train`'s second half, once the output folder is ours."""
-    sampler = EpochSampler(len(dataset), seed=settings.seed)
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=settings.train_batch_size,
-        sampler=sampler,
-        num_workers=settings.dataloader_num_workers,
-        drop_last=True,
-    )
-    run = prepare_training(settings, accelerator, model, dataloader)
-    total_steps = max_train_steps(settings, len(run.dataloader))
+    run = prepare_training(settings, accelerator, model, dataset)
+    total_steps = max_train_steps(settings, len(run.batches))
     if resume_path is not None:
         load_checkpoint(run, resume_path, saved)
         logger.info("resumed from %s at update %d", resume_path, run.state.global_step)
@@ -512,7 +271,7 @@ def run_training(settings, accelerator, dataset, model, resume_path, saved, chan
     )
     losses = LossLog(run, progress)
     losses.last_checkpoint = resume_path
-    interrupted = train_loop(run, sampler, total_steps, losses, history, writer, should_stop, argv)
+    interrupted = train_loop(run, total_steps, losses, history, writer, should_stop, argv)
     progress.close()
 
     # -- save: final samples and metrics, the pipeline folder (EMA weights), the Hub
@@ -530,29 +289,24 @@ def run_training(settings, accelerator, dataset, model, resume_path, saved, chan
     # Tear down in order: every process done, DDP (which holds the process group) freed, then the group destroyed.
     accelerator.wait_for_everyone()
     state = run.state
-    run.model = run.optimizer = run.dataloader = model = dataloader = None
+    run.model = run.optimizer = run.batches = model = None
     accelerator.free_memory()
     accelerator.end_training()
     return {**final, "interrupted": interrupted, "global_step": state.global_step}
 
 
 def train_loop(
-    run, sampler, total_steps: int, losses: LossLog, history: List[Dict], writer, should_stop, argv
+    run: TrainingRun, total_steps: int, losses: LossLog, history: List[Dict], writer, should_stop, argv
 ) -> bool:
     """Micro-batches grouped into updates until `total_steps`; epochs only set the data order. Returns whether a
     stop was requested (SIGTERM or `should_stop`), after which a checkpoint has been saved."""
     settings, accelerator, state = run.settings, run.accelerator, run.state
-    ga, batches_per_epoch = settings.gradient_accumulation_steps, len(run.dataloader)
+    ga, batches_per_epoch = settings.gradient_accumulation_steps, len(run.batches)
     global_batch = settings.train_batch_size * accelerator.num_processes * ga
     run.model.train()
     while state.global_step < total_steps:
         epoch, skip = divmod(state.micro_step, batches_per_epoch)
-        loader = accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
-        # accelerate's loaders re-apply their own iteration count as the epoch on `iter`: set theirs, not only ours.
-        loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        run.dataloader.dataset.set_epoch(epoch)
-        for batch in loader:
+        for batch in run.batches.epoch(epoch, skip):
             is_update = (state.micro_step + 1) % ga == 0
             micro_step(run, batch, is_update)
             if not is_update:

@@ -1,4 +1,7 @@
-"""Helpers of the advanced-sampler tests: exact Gaussian-mixture problems, reference PF-ODE solutions, a loop."""
+"""Helpers of the advanced-sampler tests: exact Gaussian-mixture problems and reference PF-ODE solutions.
+
+The sampling loop is the library's `custom_pipelines.sample_loop`, exactly as a pipeline runs it.
+"""
 
 import torch
 
@@ -8,15 +11,6 @@ from schedulers.scheduling_tutorial_pf_ode import solve_pf_ode
 # Reference solutions: Dormand–Prince at rtol = atol = 1e-10; its own error (vs 1e-8) is ~1e-8, far below every
 # sampler error the order fits use (>= 1e-6).
 REFERENCE_TOL = 1e-10
-
-
-def diffusers_loop(scheduler, model, x_T, num_inference_steps, **step_kwargs):
-    """The generic diffusers sampling loop, exactly as a pipeline runs it."""
-    scheduler.set_timesteps(num_inference_steps)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
-    return x
 
 
 class Problem:

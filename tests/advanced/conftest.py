@@ -4,7 +4,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from schedulers.gaussian_mixture import GaussianMixture
 
@@ -24,9 +23,5 @@ def mixture16_problem():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run thousands of tiny (64 x 16) evaluations: one thread avoids intra-op contention overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """These tests run thousands of tiny (64 x 16) evaluations: all of them on one thread (tests/conftest.py)."""

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from custom_pipelines import TutorialUnconditionalPipeline
 from schedulers import TutorialDDPMScheduler
@@ -14,18 +13,8 @@ from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler
 
 
 @pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+def unet(unet_factory):
+    return unet_factory(sample_size=8, in_channels=1)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +62,7 @@ def test_save_and_load_round_trip(cls, tmp_path):
 
 def test_likelihoods_run_on_a_float32_unet(unet):
     """The likelihood functions take a real network (float32, fractional timesteps) and 8-bit images."""
-    from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
+    from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 
     def model(x, t):
         return unet(x, t).sample
@@ -103,7 +92,7 @@ def test_pipeline_likelihood_methods_equal_the_functions(unet):
     schedule; with a diffusers scheduler the schedule is read from its config."""
     from diffusers import DDIMScheduler
 
-    from custom_pipelines.tutorial_likelihood import ode_log_likelihood, variational_bound
+    from schedulers.tutorial_likelihood import ode_log_likelihood, variational_bound
 
     def model(x, t):
         return unet(x, t).sample

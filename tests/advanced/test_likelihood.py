@@ -13,12 +13,14 @@ import pytest
 import torch
 from advanced_helpers import Problem
 
-from custom_pipelines.tutorial_likelihood import (
+from schedulers import TutorialDDPMScheduler
+from schedulers.gaussian_mixture import GaussianMixture
+from schedulers.tutorial_likelihood import (
     ode_log_likelihood,
+    schedule_of,
     variational_bound,
     variational_bound_dataset,
 )
-from schedulers.gaussian_mixture import GaussianMixture
 
 ODE_TOLERANCE_NATS = 1e-3
 
@@ -140,3 +142,24 @@ def test_images_outside_the_value_range_are_refused(ring):
         ode_log_likelihood(ring.model, ring.ddpm, x / 2, rtol=0.0)
     with pytest.raises(ValueError, match=r"num_steps=1 must be an integer in \[2, 1000\]"):
         variational_bound(ring.model, ring.ddpm, x / 2, num_steps=1, decoder="gaussian")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
+        {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+    ],
+)
+def test_the_schedule_of_a_diffusers_scheduler_is_our_float64_table(config):
+    """The likelihoods read a diffusers scheduler through its config: the same float64 ᾱ our DDPM builds."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    ours = TutorialDDPMScheduler(**config)
+    for theirs in (DDIMScheduler(**config), EulerDiscreteScheduler.from_config(DDIMScheduler(**config).config)):
+        alpha_bar, prediction_type = schedule_of(theirs)
+        assert alpha_bar.dtype == torch.float64 and prediction_type == ours.config.prediction_type
+        torch.testing.assert_close(alpha_bar, ours.alpha_bar, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="is not a scheduler"):
+        schedule_of(object())

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from advanced_helpers import diffusers_loop
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from custom_pipelines import sample_loop
 from schedulers import TutorialDDIMScheduler
 from schedulers.scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler, tune_timesteps
 from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler, solve_pf_ode
@@ -20,7 +20,7 @@ from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler, solve_
 
 def fitted_order(problem, scheduler, grid_sizes):
     """Least-squares slope of -log(error) against log(number of steps)."""
-    errors = [problem.error(diffusers_loop(scheduler, problem.model, problem.x_T, n), scheduler) for n in grid_sizes]
+    errors = [problem.error(sample_loop(problem.model, scheduler, problem.x_T, n), scheduler) for n in grid_sizes]
     steps = np.log([n - 1 for n in grid_sizes])
     slope = -np.polyfit(steps, np.log(errors), 1)[0]
     return slope, errors
@@ -87,25 +87,22 @@ def test_prediction_types_give_the_same_samples(ring_problem, prediction_type):
         s_eps = cls.from_config(ring_problem.ddpm.config, **kwargs)
         s_other = cls.from_config(ring_problem.ddpm.config, prediction_type=prediction_type, **kwargs)
         other_model = ring_problem.gmm.model(s_other.alpha_bar, prediction_type)
-        x_eps = diffusers_loop(s_eps, ring_problem.model, ring_problem.x_T, 8)
-        x_other = diffusers_loop(s_other, other_model, ring_problem.x_T, 8)
+        x_eps = sample_loop(ring_problem.model, s_eps, ring_problem.x_T, 8)
+        x_other = sample_loop(other_model, s_other, ring_problem.x_T, 8)
         torch.testing.assert_close(x_other, x_eps, rtol=1e-9, atol=1e-9)
 
 
 def test_euler_in_sigma_bar_is_ddim_and_dpmpp1_is_ddim(ring_problem):
     """DDIM eq. (14): deterministic DDIM is Euler in (x/√ᾱ, σ̄); DPM-Solver++ order 1 is DDIM too (Lu et al. 2022b)."""
     ddim = TutorialDDIMScheduler.from_config(ring_problem.ddpm.config, clip_sample=False)
-    ddim.set_timesteps(timesteps=[999, 666, 333, 0])
-    x = ring_problem.x_T
-    for t in ddim.timesteps:
-        x = ddim.step(ring_problem.model(x, t), t, x).prev_sample
+    x = sample_loop(ring_problem.model, ddim, ring_problem.x_T, timesteps=[999, 666, 333, 0])
     for s in (
         TutorialPFODEScheduler.from_config(ring_problem.ddpm.config, solver="euler", step_placement="time_uniform"),
         TutorialDPMSolverPlusPlusScheduler.from_config(
             ring_problem.ddpm.config, solver_order=1, step_placement="time_uniform", few_step_interior=False
         ),
     ):
-        ours = diffusers_loop(s, ring_problem.model, ring_problem.x_T, 4)
+        ours = sample_loop(ring_problem.model, s, ring_problem.x_T, 4)
         assert s.timesteps.tolist() == [999.0, 666.0, 333.0, 0.0]
         torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
 
@@ -138,10 +135,8 @@ def test_loop_contract_and_config_round_trip(ring_problem):
     back = DDIMScheduler.from_config(s.config)
     assert back.config.beta_schedule == "linear" and back.config.prediction_type == "epsilon"
     # A second loop over the same grid restarts cleanly and gives the same result.
-    a = diffusers_loop(s, ring_problem.model, ring_problem.x_T, 7)
-    x = ring_problem.x_T
-    for t in s.timesteps:
-        x = s.step(ring_problem.model(x, t), t, x).prev_sample
+    a = sample_loop(ring_problem.model, s, ring_problem.x_T, 7)
+    x = sample_loop(ring_problem.model, s, ring_problem.x_T)  # no set_timesteps: the grid of the first loop
     torch.testing.assert_close(x, a, rtol=0, atol=0)
     assert math.isfinite(float(x.sum()))
 
@@ -163,12 +158,8 @@ def test_tuned_placement_beats_logsnr_on_held_out_noise(ring_problem):
     calibration = torch.randn(32, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     grid = tune_timesteps(s, ring_problem.model, calibration, 6, sweeps=6)
     assert grid[0] == 999 and grid[-1] == 0 and len(grid) == 6 and all(b < a for a, b in zip(grid, grid[1:]))
-    untuned = ring_problem.error(diffusers_loop(s, ring_problem.model, ring_problem.x_T, 6), s)
-    s.set_timesteps(timesteps=grid)
-    x = ring_problem.x_T
-    for t in s.timesteps:
-        x = s.step(ring_problem.model(x, t), t, x).prev_sample
-    tuned = ring_problem.error(x, s)
+    untuned = ring_problem.error(sample_loop(ring_problem.model, s, ring_problem.x_T, 6), s)
+    tuned = ring_problem.error(sample_loop(ring_problem.model, s, ring_problem.x_T, timesteps=grid), s)
     assert tuned < untuned / 3, (tuned, untuned)
     with pytest.raises(ValueError, match=r"num_inference_steps=2 must be an integer >= 3 to tune"):
         tune_timesteps(s, ring_problem.model, calibration, 2)
@@ -181,9 +172,11 @@ def test_add_noise_and_velocity_follow_the_continuous_schedule(ring_problem):
     t = torch.tensor([0, 10, 500, 999])
     torch.testing.assert_close(s.add_noise(x0, eps, t), ring_problem.ddpm.add_noise(x0, eps, t))
     torch.testing.assert_close(s.get_velocity(x0, eps, t), ring_problem.ddpm.get_velocity(x0, eps, t))
-    lam = s.half_log_snr
+    half_log_snr = s.half_log_snr
     t_half = torch.tensor([10.5])
-    alpha_bar = torch.sigmoid(lam[10] + lam[11])  # λ(10.5) is the mean of λ_10 and λ_11; ᾱ = sigmoid(2λ)
+    alpha_bar = torch.sigmoid(
+        half_log_snr[10] + half_log_snr[11]
+    )  # λ(10.5) is the mean of λ_10 and λ_11; ᾱ = sigmoid(2λ)
     torch.testing.assert_close(
         s.add_noise(x0[:1], eps[:1], t_half), alpha_bar.sqrt() * x0[:1] + (1 - alpha_bar).sqrt() * eps[:1]
     )
@@ -197,8 +190,8 @@ def test_thresholding_keeps_the_output_in_range(ring_problem):
     model = wide.model(ring_problem.ddpm.alpha_bar)
     plain = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config)
     clipped = TutorialDPMSolverPlusPlusScheduler.from_config(ring_problem.ddpm.config, thresholding=True)
-    assert float(diffusers_loop(plain, model, ring_problem.x_T, 8).abs().max()) > 1.5
-    assert float(diffusers_loop(clipped, model, ring_problem.x_T, 8).abs().max()) <= 1.0 + 1e-12
+    assert float(sample_loop(model, plain, ring_problem.x_T, 8).abs().max()) > 1.5
+    assert float(sample_loop(model, clipped, ring_problem.x_T, 8).abs().max()) <= 1.0 + 1e-12
 
 
 def test_few_step_grid_skips_both_end_points_and_ends_with_the_step_to_sigma_zero(ring_problem):
@@ -232,6 +225,6 @@ def test_few_step_grid_skips_both_end_points_and_ends_with_the_step_to_sigma_zer
     out = s.step(ring_problem.model(x, t), t, x)
     assert torch.equal(out.prev_sample, out.pred_original_sample)
     # It beats the grid with both end points at 5 evaluations on the exact model too.
-    err_interior = ring_problem.error(diffusers_loop(s, ring_problem.model, ring_problem.x_T, 5), s)
-    err_full = ring_problem.error(diffusers_loop(full, ring_problem.model, ring_problem.x_T, 5), full)
+    err_interior = ring_problem.error(sample_loop(ring_problem.model, s, ring_problem.x_T, 5), s)
+    err_full = ring_problem.error(sample_loop(ring_problem.model, full, ring_problem.x_T, 5), full)
     assert err_interior < err_full, (err_interior, err_full)

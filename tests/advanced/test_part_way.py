@@ -90,10 +90,10 @@ def test_dpmpp_part_way_first_step_is_first_order():
     k = 4
     s.set_begin_index(k)
     x, x0 = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    lam = tm.half_log_snr_at(s.timesteps[k : k + 2], s.half_log_snr)
-    alpha, sigma = torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
-    h = float(lam[1] - lam[0])
-    expected = float(sigma[1] / sigma[0]) * x + float(alpha[1]) * -math.expm1(-h) * x0
+    half_log_snr = tm.half_log_snr_at(s.timesteps[k : k + 2], s.half_log_snr)
+    sqrt_alpha_bar, sigma = torch.sigmoid(2 * half_log_snr).sqrt(), torch.sigmoid(-2 * half_log_snr).sqrt()
+    h = float(half_log_snr[1] - half_log_snr[0])
+    expected = float(sigma[1] / sigma[0]) * x + float(sqrt_alpha_bar[1]) * -math.expm1(-h) * x0
     torch.testing.assert_close(s.step(x0, s.timesteps[k], x).prev_sample, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -7,9 +7,10 @@ twice that, and a deliberately coarse run (9 steps) is far outside it, so the te
 
 import pytest
 import torch
-from advanced_helpers import Problem, diffusers_loop
+from advanced_helpers import Problem
 from diffusers import DDPMScheduler
 
+from custom_pipelines import sample_loop
 from schedulers.gaussian_mixture import GaussianMixture
 from schedulers.scheduling_tutorial_sde import TutorialScoreSDEScheduler
 
@@ -42,10 +43,10 @@ def setting(request):
 def test_sampler_matches_the_data_distribution(setting, sde_type, corrector):
     problem, data, baseline = setting
     s = TutorialScoreSDEScheduler.from_config(problem.ddpm.config, sde_type=sde_type, corrector=corrector)
-    x = diffusers_loop(s, problem.model, problem.x_T, 200, generator=torch.Generator().manual_seed(2))
+    x = sample_loop(problem.model, s, problem.x_T, 200, generator=torch.Generator().manual_seed(2))
     assert x.shape == data.shape and bool(torch.isfinite(x).all())
     assert energy_distance(x, data) < 2 * baseline, (energy_distance(x, data), baseline)
-    coarse = diffusers_loop(s, problem.model, problem.x_T, 9, generator=torch.Generator().manual_seed(2))
+    coarse = sample_loop(problem.model, s, problem.x_T, 9, generator=torch.Generator().manual_seed(2))
     assert energy_distance(coarse, data) > 5 * baseline
 
 
@@ -69,6 +70,6 @@ def test_loop_layout_and_scaling(setting):
 def test_same_generator_same_samples(setting):
     problem, _, _ = setting
     s = TutorialScoreSDEScheduler.from_config(problem.ddpm.config, corrector="langevin")
-    a = diffusers_loop(s, problem.model, problem.x_T[:8], 6, generator=torch.Generator().manual_seed(5))
-    b = diffusers_loop(s, problem.model, problem.x_T[:8], 6, generator=torch.Generator().manual_seed(5))
+    a = sample_loop(problem.model, s, problem.x_T[:8], 6, generator=torch.Generator().manual_seed(5))
+    b = sample_loop(problem.model, s, problem.x_T[:8], 6, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, rtol=0, atol=0)

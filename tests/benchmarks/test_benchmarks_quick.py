@@ -49,6 +49,42 @@ def test_bench_training_quick(tmp_path):
     assert report["throughput_ratio"] > 0
 
 
+def test_bench_training_gpu_runs_every_section_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    stdout = _run("bench_training_gpu.py", "--device", "cpu", "--quick", "--output", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["train"]) == {"diffusers", "ours"}
+    assert report["train"]["diffusers"]["source"].startswith("re-created loop")  # and the output says so
+    assert "diffusers side: re-created loop" in stdout and "ours / diffusers" in stdout
+    for row in report["train"].values():
+        assert row["images_per_s"] > 0 and row["flops_per_image"] > 0 and row["loss_at_end"] > 0
+    rows = {k: v for k, v in report["sample"]["rows"].items() if k != "diffusers_failures"}
+    assert len(rows) == 6 and all(r["ours_s"] > 0 for r in rows.values())
+
+
+def test_bench_training_gpu_runs_a_training_script_and_stops_it_after_the_last_update(tmp_path):
+    # A stand-in for diffusers' script (the real one needs torchvision): it logs a loss per update, forever.
+    script = tmp_path / "stand_in_train_unconditional.py"
+    script.write_text(
+        "import sys\n"
+        "from accelerate import Accelerator\n"
+        "assert sys.argv[sys.argv.index('--train_batch_size') + 1] == '4'\n"
+        "accelerator, step = Accelerator(cpu=True), 0\n"
+        "while True:\n"
+        "    step += 1\n"
+        "    accelerator.log({'loss': 1.0 / step, 'lr': 1e-4, 'step': step}, step=step)\n"
+    )
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_training_gpu
+    finally:
+        sys.path.pop(0)
+    s = bench_training_gpu.sizes(quick=True, device="cpu")
+    result = bench_training_gpu.run_diffusers_script(str(script), str(tmp_path), "unet.json", s, str(tmp_path / "out"))
+    assert result["losses"] == [1.0 / step for step in range(1, s["steps"] + 1)]
+    assert sorted(result["marks"]) == [s["warmup"], s["steps"]]
+
+
 def test_bench_samplers_trained_networks_quick():
     stdout = _run("bench_samplers.py", "--quick", "--sections", "trained")
     assert "ours DPM++ 2M (defaults)" in stdout and "diffusers UniPC" in stdout

@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from diffusers import UNet2DModel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,23 +29,6 @@ BLOCK_OUR_PACKAGES = textwrap.dedent(
     sys.path = [p for p in sys.path if p not in ("", ".", REPO_ROOT)]
     """
 ).replace("REPO_ROOT", repr(REPO_ROOT))
-
-
-def make_unet(sample_size: int = 8, in_channels: int = 3, seed: int = 0, **overrides) -> UNet2DModel:
-    """A ~20k-parameter UNet2DModel with random weights (deterministic for a seed)."""
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    config.update(overrides)
-    return UNet2DModel(**config).eval()
 
 
 class FreshPython:
@@ -101,14 +83,8 @@ def run_fresh_python(script: str, tmp_path, block_our_packages: bool = False, ex
 
 
 @pytest.fixture
-def tiny_unet() -> UNet2DModel:
-    return make_unet()
-
-
-@pytest.fixture(scope="session")
-def unet_factory():
-    """`make_unet(sample_size=8, in_channels=3, seed=0, **config_overrides)`."""
-    return make_unet
+def tiny_unet(unet_factory) -> UNet2DModel:
+    return unet_factory()
 
 
 @pytest.fixture(scope="session")

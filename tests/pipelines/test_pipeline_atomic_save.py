@@ -14,7 +14,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline, tutorial_pipeline_utils
+from custom_pipelines import (
+    TutorialClassConditionalPipeline,
+    TutorialUnconditionalPipeline,
+    tutorial_pipeline_folder,
+    tutorial_pipeline_saving,
+)
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 
 STEPS, SEED = 3, 5
@@ -83,7 +88,7 @@ def _old_with_a_diffusers_scheduler(pipe, unet_factory, folder):
 
 def _old_killed_mid_save(pipe, unet_factory, folder):
     pipe.save_pretrained(folder)
-    leftover = folder / f"{tutorial_pipeline_utils.SAVE_STAGING_PREFIX}killed"  # a staging folder of a killed save
+    leftover = folder / f"{tutorial_pipeline_folder.SAVE_STAGING_PREFIX}killed"  # a staging folder of a killed save
     (leftover / "unet").mkdir(parents=True)
     (leftover / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half a file")
 
@@ -151,7 +156,7 @@ def _fail_while_shipping_scheduler_code(monkeypatch):
             raise OSError(5, "Input/output error (injected)")
         return real_copy(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(tutorial_pipeline_utils.shutil, "copyfile", copy)
+    monkeypatch.setattr(tutorial_pipeline_saving.shutil, "copyfile", copy)
 
 
 def _fail_while_writing_samples(monkeypatch):
@@ -159,7 +164,7 @@ def _fail_while_writing_samples(monkeypatch):
         (Path(folder) / "samples").mkdir(exist_ok=True)
         raise OSError(28, "No space left on device (injected)")
 
-    monkeypatch.setattr(tutorial_pipeline_utils, "_write_sample_images", fail)
+    monkeypatch.setattr(tutorial_pipeline_saving, "_write_sample_images", fail)
 
 
 FAULTS = {
@@ -205,14 +210,14 @@ def test_a_save_that_fails_midway_leaves_the_old_save_loadable_in_a_fresh_proces
 # ---- every moment of the swap: each entry whole, model_index.json last --------------------------------------------------
 def _visible(tree: dict) -> dict:
     """A folder's files without the staging folder of the save in progress."""
-    return {k: v for k, v in tree.items() if not k.startswith(tutorial_pipeline_utils.SAVE_STAGING_PREFIX)}
+    return {k: v for k, v in tree.items() if not k.startswith(tutorial_pipeline_folder.SAVE_STAGING_PREFIX)}
 
 
 def _can_exchange(folder: Path) -> bool:
     (folder / "a").mkdir()
     (folder / "b").mkdir()
     try:
-        return tutorial_pipeline_utils._exchange(str(folder / "a"), str(folder / "b"))
+        return tutorial_pipeline_folder._exchange(str(folder / "a"), str(folder / "b"))
     finally:
         shutil.rmtree(folder / "a")
         shutil.rmtree(folder / "b")
@@ -237,20 +242,20 @@ def test_every_moment_of_the_swap_leaves_a_folder_that_loads(old_pipe, new_pipe,
 
     snapshots.mkdir()
     for name in ("rename", "replace"):
-        real = getattr(tutorial_pipeline_utils.os, name)
+        real = getattr(tutorial_pipeline_folder.os, name)
 
         def wrapped(src, dst, *args, _real=real, **kwargs):
             snapshot()
             return _real(src, dst, *args, **kwargs)
 
-        monkeypatch.setattr(tutorial_pipeline_utils.os, name, wrapped)
-    real_exchange = tutorial_pipeline_utils._exchange
+        monkeypatch.setattr(tutorial_pipeline_folder.os, name, wrapped)
+    real_exchange = tutorial_pipeline_folder._exchange
 
     def exchange(a, b):
         snapshot()
         return real_exchange(a, b)
 
-    monkeypatch.setattr(tutorial_pipeline_utils, "_exchange", exchange)
+    monkeypatch.setattr(tutorial_pipeline_folder, "_exchange", exchange)
     new_pipe.save_pretrained(folder, sample_images=torch.rand(2, 3, 8, 8))
     monkeypatch.undo()
     snapshot()  # the end state
@@ -318,7 +323,7 @@ def test_every_moment_of_the_swap_leaves_a_folder_that_loads(old_pipe, new_pipe,
 
 def test_without_an_atomic_exchange_the_swap_still_ends_in_the_new_save(old_pipe, new_pipe, tmp_path, monkeypatch):
     """Where the system cannot swap two paths in one step, a folder is moved aside, then the new one moved in."""
-    monkeypatch.setattr(tutorial_pipeline_utils, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(tutorial_pipeline_folder, "_exchange", lambda a, b: False)
     folder, reference = tmp_path / "out", tmp_path / "reference"
     folder.mkdir()
     _add_not_owned(folder)

@@ -18,14 +18,7 @@ from schedulers import (
 )
 from schedulers.gaussian_mixture import GaussianMixture
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids intra-op contention overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def ring_problem(num_points=64):

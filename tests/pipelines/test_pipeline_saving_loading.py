@@ -23,6 +23,9 @@ from custom_pipelines import (
     TutorialRePaintPipeline,
     TutorialUnconditionalPipeline,
     pipeline_tutorial_unconditional,
+    tutorial_pipeline_folder,
+    tutorial_pipeline_loading,
+    tutorial_pipeline_saving,
     tutorial_pipeline_utils,
 )
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
@@ -34,7 +37,7 @@ SCHEDULER_SOURCES = (
     "scheduling_tutorial_ddim.py",
     "tutorial_discrete_base.py",
     "tutorial_math.py",
-    "tutorial_scheduler_output.py",
+    "tutorial_scheduler_common.py",
 )
 
 
@@ -107,13 +110,19 @@ def test_folder_is_self_contained(folders):
     # the scheduler file names every file it needs that way, so it is recorded itself (no loader entry file).
     assert index["scheduler"] == ["scheduling_tutorial_ddim", "TutorialDDIMScheduler"]
     named = (path / "scheduler" / "scheduling_tutorial_ddim.py").read_text()
-    for stem in ("tutorial_discrete_base", "tutorial_math", "tutorial_scheduler_output"):
+    for stem in ("tutorial_discrete_base", "tutorial_math", "tutorial_scheduler_common"):
         assert f"from .{stem} import" in named
     assert not list(path.glob("**/*_entry.py"))
     sched_dir = os.path.dirname(schedulers.__file__)
     for name in SCHEDULER_SOURCES:  # byte-identical copies of our sources
         assert filecmp.cmp(os.path.join(sched_dir, name), path / "scheduler" / name, shallow=False)
-    for module in (pipeline_tutorial_unconditional, tutorial_pipeline_utils):
+    for module in (
+        pipeline_tutorial_unconditional,
+        tutorial_pipeline_utils,
+        tutorial_pipeline_saving,
+        tutorial_pipeline_loading,
+        tutorial_pipeline_folder,
+    ):
         assert filecmp.cmp(module.__file__, path / os.path.basename(module.__file__), shallow=False)
     assert not (path / "scheduler" / "__init__.py").exists()
 
@@ -121,7 +130,7 @@ def test_folder_is_self_contained(folders):
 def test_ddpm_scheduler_ships_only_what_it_imports(folders):
     shipped = {p.name for p in (folders["ours_ddpm"] / "scheduler").glob("*.py")}
     expected = {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
-    assert shipped == expected | {"tutorial_scheduler_output.py"}
+    assert shipped == expected | {"tutorial_scheduler_common.py"}
     index = json.loads((folders["ours_ddpm"] / "model_index.json").read_text())
     assert index["scheduler"] == ["scheduling_tutorial_ddpm", "TutorialDDPMScheduler"]
 
@@ -151,10 +160,10 @@ def test_every_shipped_class_names_its_whole_sibling_closure_as_diffusers_detect
     assert {"TutorialDPMSolverPlusPlusScheduler", "TutorialScoreSDEScheduler", "TutorialRePaintPipeline"} <= names
     for klass in classes:
         source = inspect.getsourcefile(klass)
-        closure = {os.path.basename(p)[:-3] for p in tutorial_pipeline_utils._relative_import_closure(source)[1:]}
+        closure = {os.path.basename(p)[:-3] for p in tutorial_pipeline_folder.relative_import_closure(source)[1:]}
         detected = set(get_relative_imports(source))
         assert closure <= detected, f"{klass.__name__}: {os.path.basename(source)} does not name {closure - detected}"
-        assert set(tutorial_pipeline_utils._detected_by_diffusers(source)) == detected  # our copy of the regex
+        assert set(tutorial_pipeline_saving.detected_by_diffusers(source)) == detected  # our copy of the regex
 
 
 def _write_package(root, name, files):
@@ -193,7 +202,7 @@ def test_a_class_whose_siblings_diffusers_would_miss_is_refused(tmp_path, monkey
     with pytest.raises(
         ValueError, match=rf"Cannot ship ZzzScheduler: .* {re.escape(str(missing))} .*scheduling_zzz\.py"
     ):
-        tutorial_pipeline_utils._ship_module(klass, str(target))
+        tutorial_pipeline_saving.ship_module(klass, str(target))
     assert not target.exists()  # refused before anything is written
 
 
@@ -212,7 +221,7 @@ def test_a_class_that_names_its_siblings_ships_them_and_is_recorded_itself(tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))
     klass = importlib.import_module("zzz_pkg_ok.scheduling_zzz_ok").ZzzOk
     target = tmp_path / "saved" / "scheduler"
-    assert tutorial_pipeline_utils._ship_module(klass, str(target)) == "scheduling_zzz_ok"
+    assert tutorial_pipeline_saving.ship_module(klass, str(target)) == "scheduling_zzz_ok"
     assert sorted(p.name for p in target.iterdir()) == ["scheduling_zzz_ok.py", "zzz_helper_b.py", "zzz_helper_c.py"]
 
 
@@ -452,13 +461,13 @@ def test_scheduler_module_not_yet_imported_is_found_by_its_file_name(tmp_path, m
         "class ZzzShippedScheduler(SchedulerMixin, ConfigMixin):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(tutorial_pipeline_utils, "_SCHEDULER_PACKAGE", "zzz_tutorial_pkg")
+    monkeypatch.setattr(tutorial_pipeline_loading, "_SCHEDULER_PACKAGE", "zzz_tutorial_pkg")
     assert "zzz_tutorial_pkg.scheduling_zzz" not in sys.modules
     # Folders saved before the entry files went away record `<stem>_entry`; the installed `<stem>` is still found.
-    klass = tutorial_pipeline_utils._find_class("ZzzShippedScheduler", "scheduler", "scheduling_zzz_entry")
+    klass = tutorial_pipeline_loading.find_class("ZzzShippedScheduler", "scheduler", "scheduling_zzz_entry")
     assert klass.__module__ == "zzz_tutorial_pkg.scheduling_zzz"
     with pytest.raises(ValueError, match="'NoSuchScheduler' named in model_index.json is neither"):
-        tutorial_pipeline_utils._find_class("NoSuchScheduler", "scheduler", "scheduling_nothing_here")
+        tutorial_pipeline_loading.find_class("NoSuchScheduler", "scheduler", "scheduling_nothing_here")
 
 
 def test_d_ddpm_hub_layout_loads_with_our_schedulers(with_package_result):
@@ -477,7 +486,7 @@ def test_shipped_files_import_only_what_diffusers_users_have():
         {
             path
             for klass in _our_shipped_classes()
-            for path in tutorial_pipeline_utils._relative_import_closure(inspect.getsourcefile(klass))
+            for path in tutorial_pipeline_folder.relative_import_closure(inspect.getsourcefile(klass))
         }
     )
     assert len(shipped) >= 12  # 5 pipelines and their utilities, 5 schedulers, their bases, the math and helpers

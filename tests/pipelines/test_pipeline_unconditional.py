@@ -22,7 +22,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from custom_pipelines import TutorialUnconditionalPipeline
+from custom_pipelines import TutorialUnconditionalPipeline, sample_loop
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 
 SHAPE = (2, 3, 8, 8)
@@ -167,7 +167,10 @@ ALL_SCHEDULERS = [
 
 
 def _generic_reference_loop(unet, scheduler, eta=0.0):
-    """The loop every diffusers scheduler documents, written out once, with the generator threaded through."""
+    """The loop every diffusers scheduler documents, written out once, with the generator threaded through.
+
+    Spelled out on purpose: it is the contract that the pipeline and the library's `sample_loop` are checked against.
+    """
     g = torch.Generator().manual_seed(SEED)
     params = inspect.signature(scheduler.step).parameters
     kwargs = {k: v for k, v in (("eta", eta), ("generator", g)) if k in params}
@@ -188,6 +191,13 @@ def test_every_scheduler_matches_the_reference_loop(tiny_unet, scheduler_cls):
     ref = _generic_reference_loop(tiny_unet, scheduler_cls.from_config(scheduler.config))
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    g = torch.Generator().manual_seed(SEED)
+    noise = torch.randn(SHAPE, generator=g)
+    with torch.no_grad():
+        library = sample_loop(
+            lambda x, t: tiny_unet(x, t).sample, scheduler_cls.from_config(scheduler.config), noise, STEPS, generator=g
+        )
+    torch.testing.assert_close(library, ref, atol=1e-6, rtol=1e-6)
     assert len(out.trajectory) == len(scheduler.timesteps) + 1 == len(out.pred_original_samples) + 1
 
 

@@ -47,6 +47,8 @@ OURS = {
 THEIRS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 SIZE = 16  # image side; the latents are 8 x 8
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def components():
@@ -82,15 +84,6 @@ def components():
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids intra-op contention overhead (and keeps the results bitwise reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(kind: str, strength: float = 0.6) -> dict:

@@ -1,5 +1,6 @@
 """Bad arguments raise ValueError at the door, naming the argument, the value and the allowed values."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,33 @@ def test_learned_variance_needs_the_variance_channels(variance_type):
 def test_expand_to_refuses_a_mismatched_batch():
     with pytest.raises(ValueError, match=r"coefficient of shape \(3,\) cannot broadcast against a batch of shape"):
         tm.expand_to(torch.ones(3), torch.zeros(4, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "value,kwargs,message",
+    [
+        (0, {}, "n=0 must be an integer >= 1."),
+        (True, {}, "n=True must be an integer >= 1 (an int, a numpy integer or 0-d tensor)."),  # not a count
+        (2.0, {"minimum": 0}, "n=2.0 must be an integer >= 0 (an int, a numpy integer or 0-d tensor)."),
+        (
+            torch.tensor([1, 2]),
+            {},
+            "n=tensor([1, 2]) must be an integer >= 1 (an int, a numpy integer or 0-d tensor).",
+        ),
+        (11, {"minimum": 2, "maximum": 10}, "n=11 must be an integer in [2, 10]."),
+        (0, {"maximum": 5, "maximum_name": "T"}, "n=0 must be an integer in [1, T=5]."),
+        (3, {"minimum": 7, "reason": "one step"}, "n=3 must be an integer >= 7 (one step)."),
+    ],
+)
+def test_check_int_names_the_argument_the_value_and_the_allowed_range(value, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        tm.check_int("n", value, **kwargs)
+    assert str(info.value) == message
+
+
+def test_check_int_returns_a_python_int_for_any_integer_kind():
+    assert tm.check_int("n", 5, minimum=5, maximum=5) == 5
+    assert tm.check_int("n", 0, minimum=0) == 0
+    for value in (np.int64(3), torch.tensor(3), torch.tensor([3])):
+        number = tm.check_int("n", value)
+        assert number == 3 and type(number) is int

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from custom_pipelines import sample_loop
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
 
@@ -52,13 +53,11 @@ def gaussian_model(alpha_bar_table, prediction_type, variance_channels=None, mea
     return model
 
 
-def sample_loop(scheduler, num_inference_steps, model, seed=0, **step_kwargs):
-    scheduler.set_timesteps(num_inference_steps)
+def run_loop(scheduler, num_inference_steps, model, seed=0, **step_kwargs):
+    """The library's loop (`custom_pipelines.sample_loop`) from seeded noise, the same generator driving the steps."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 2, 4, 4, generator=generator)
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x, generator=generator, **step_kwargs).prev_sample
-    return x
+    noise = torch.randn(2, 2, 4, 4, generator=generator)
+    return sample_loop(model, scheduler, noise, num_inference_steps, generator=generator, **step_kwargs)
 
 
 def assert_same(ours, ref, context):
@@ -97,7 +96,7 @@ def test_ddpm_sampling_loop_matches_diffusers(beta_schedule, prediction_type):
         learned = variance_type if variance_type.startswith("learned") else None
         model = gaussian_model(ours.alpha_bar, prediction_type, learned)
         context = (beta_schedule, prediction_type, variance_type, spacing, range_mode, n)
-        assert_same(sample_loop(ours, n, model), sample_loop(ref, n, model), context)
+        assert_same(run_loop(ours, n, model), run_loop(ref, n, model), context)
 
 
 @pytest.mark.parametrize("beta_schedule", tm.BETA_SCHEDULES)
@@ -130,7 +129,7 @@ def test_ddim_sampling_loop_matches_diffusers(beta_schedule, prediction_type):
         model = gaussian_model(ours.alpha_bar, prediction_type)
         kwargs = dict(eta=eta, use_clipped_model_output=range_mode == "clip_and_reuse")
         context = (beta_schedule, prediction_type, spacing, n, eta, range_mode)
-        assert_same(sample_loop(ours, n, model, **kwargs), sample_loop(ref, n, model, **kwargs), context)
+        assert_same(run_loop(ours, n, model, **kwargs), run_loop(ref, n, model, **kwargs), context)
 
 
 @pytest.mark.parametrize("scheduler_pair", ["ddpm", "ddim"])
@@ -147,7 +146,7 @@ def test_full_1000_step_loop_matches_diffusers(scheduler_pair):
         ref.alphas_cumprod = ours.alphas_cumprod.clone()
         model = gaussian_model(ours.alpha_bar, prediction_type)
         context = (scheduler_pair, beta_schedule, prediction_type, 1000)
-        assert_same(sample_loop(ours, 1000, model, **kwargs), sample_loop(ref, 1000, model, **kwargs), context)
+        assert_same(run_loop(ours, 1000, model, **kwargs), run_loop(ref, 1000, model, **kwargs), context)
 
 
 def test_timestep_grids_match_diffusers_for_every_step_count():

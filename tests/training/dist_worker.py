@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from training import train_unconditional as tu  # noqa: E402
-from training.evaluate import sample_sharded  # noqa: E402
+from training.sampling import sample_sharded  # noqa: E402
 
 DUMP = os.environ["DIST_DUMP"]
 seen, written = [], []

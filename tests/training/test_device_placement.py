@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from training import checkpoints as ckpt
 from training import train_unconditional as tu
-from training.data import EpochSampler
+from training.training_run import load_training_data, prepare_training
 
 from .conftest import tiny_args
 
@@ -26,11 +26,8 @@ def _meta_run(monkeypatch, tiny_config, tmp_path, *extra):
     settings = tu.resolve_settings(tu.parse_args(tiny_args(tiny_config, tmp_path / "run", *extra)))
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)
     assert accelerator.device == META
-    dataset = tu.load_training_data(settings, accelerator)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=settings.train_batch_size, sampler=EpochSampler(len(dataset)), drop_last=True
-    )
-    return tu.prepare_training(settings, accelerator, tu.build_model(settings, settings.num_channels), loader)
+    dataset = load_training_data(settings, accelerator)
+    return prepare_training(settings, accelerator, tu.build_model(settings, settings.num_channels), dataset)
 
 
 def _off_device(run) -> list:
@@ -39,7 +36,7 @@ def _off_device(run) -> list:
 
 def _train_updates(run, updates: int) -> None:
     ga = run.settings.gradient_accumulation_steps
-    batches = iter(run.dataloader)
+    batches = run.batches.epoch(0)
     for _ in range(updates * ga):
         batch = next(batches)
         assert batch["images"].device == META
@@ -56,8 +53,9 @@ def _train_updates(run, updates: int) -> None:
         [],
         ["--num_class_embeds", 10, "--snr_gamma", 5, "--prediction_type", "v_prediction", "--noise_offset", 0.1],
         ["--gradient_accumulation_steps", 2, "--no-use_ema", "--lr_scheduler", "constant_with_warmup"],
+        ["--data_on_device", "yes", "--channels_last", "yes", "--random_flip", "--num_class_embeds", 10],
     ],
-    ids=["defaults", "class-conditional-min-snr-v", "accumulation-no-ema"],
+    ids=["defaults", "class-conditional-min-snr-v", "accumulation-no-ema", "data-on-device-channels-last"],
 )
 def test_device_placement_every_tensor_of_the_training_state_follows_the_accelerator(
     monkeypatch, tiny_config, tmp_path, extra
@@ -70,6 +68,7 @@ def test_device_placement_every_tensor_of_the_training_state_follows_the_acceler
     held = run.tensors()
     assert any(k.startswith("optimizer.") for k in held)  # Adam's moments exist and were checked
     assert ("ema.0" in held) == run.settings.use_ema
+    assert ("data.images" in held) == run.settings.data_on_device  # the images themselves, kept on the device
     assert any(k.startswith("noise_scheduler._") for k in held)  # add_noise's cached tables
     assert not _off_device(run)
 

@@ -12,6 +12,9 @@ from diffusers import UNet2DModel
 from schedulers import TutorialDDIMScheduler
 from training import evaluate
 from training.data import load_digits_tensors
+from training.digits_classifier import CLASSIFIER_WEIGHTS, load_classifier
+from training.metrics import digits_metrics, frechet_distance
+from training.sampling import sample_sharded
 
 from .conftest import TINY_UNET
 
@@ -25,29 +28,29 @@ def test_frechet_distance_matches_scipy_and_the_gaussian_closed_form():
     mu_a, mu_b = a.double().mean(0).numpy(), b.double().mean(0).numpy()
     ca, cb = np.cov(a.double().numpy(), rowvar=False), np.cov(b.double().numpy(), rowvar=False)
     reference = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
-    assert evaluate.frechet_distance(a, b) == pytest.approx(reference, rel=1e-8)
-    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_shipped_classifier_is_small_and_accurate_on_held_out_digits():
-    assert os.path.getsize(evaluate.CLASSIFIER_WEIGHTS) < 300_000
+    assert os.path.getsize(CLASSIFIER_WEIGHTS) < 300_000
     for resolution in (8, 16, 32):
         x, y = load_digits_tensors(resolution, "test")
-        accuracy = (evaluate.load_classifier()(x).argmax(-1) == y).float().mean()
+        accuracy = (load_classifier()(x).argmax(-1) == y).float().mean()
         assert accuracy > 0.95, (resolution, accuracy)
 
 
 def test_metric_ranks_real_digits_far_above_noise_and_an_untrained_model():
     real_train, _ = load_digits_tensors(16, "train")  # real digits the reference set (held-out split) never saw
-    real = evaluate.digits_metrics(real_train[:400])
-    noise = evaluate.digits_metrics(torch.rand(400, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    real = digits_metrics(real_train[:400])
+    noise = digits_metrics(torch.rand(400, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     unet = UNet2DModel(**{**{k: v for k, v in TINY_UNET.items() if k != "_class_name"}, "sample_size": 16})
-    untrained = evaluate.digits_metrics(evaluate.sample_sharded(unet.eval(), TutorialDDIMScheduler(), 400, 5))
+    untrained = digits_metrics(sample_sharded(unet.eval(), TutorialDDIMScheduler(), 400, 5))
     assert real["frechet_distance"] * 20 < noise["frechet_distance"]
     assert real["frechet_distance"] * 20 < untrained["frechet_distance"]
     assert real["class_coverage"] == 1.0 and real["mean_confidence"] > 0.9
     assert sum(real["class_histogram"]) == 400 and real["classifier_test_accuracy"] > 0.95
-    constant = evaluate.digits_metrics(torch.zeros(40, 1, 16, 16) - 1)
+    constant = digits_metrics(torch.zeros(40, 1, 16, 16) - 1)
     assert constant["class_coverage"] == 0.1  # every sample lands in one class
 
 
@@ -81,8 +84,8 @@ def test_cli_evaluates_a_saved_folder_with_any_scheduler(tmp_path):
 
 def test_sharded_sampling_does_not_depend_on_batching():
     unet = UNet2DModel(**{k: v for k, v in TINY_UNET.items() if k != "_class_name"}).eval()
-    whole = evaluate.sample_sharded(unet, TutorialDDIMScheduler(), 6, 3, seed=1)
-    pieces = evaluate.sample_sharded(unet, TutorialDDIMScheduler(), 6, 3, seed=1, batch_size=4)
+    whole = sample_sharded(unet, TutorialDDIMScheduler(), 6, 3, seed=1)
+    pieces = sample_sharded(unet, TutorialDDIMScheduler(), 6, 3, seed=1, batch_size=4)
     torch.testing.assert_close(whole, pieces, atol=1e-5, rtol=0)
     assert not torch.allclose(whole[0], whole[1])
 
@@ -191,3 +194,25 @@ def test_cli_names_a_corrupt_json_file(tmp_path, cli_error, damaged):
 def test_cli_refuses_bad_flags_before_sampling(tmp_path, cli_error, flags, match):
     _save_tiny_pipeline(tmp_path / "pipe")
     assert match in cli_error([str(tmp_path / "pipe"), *flags])
+
+
+# ---- --scheduler: every scheduler of ours (issue 15.3) ------------------------------------------------------------------
+@pytest.mark.parametrize("name", [name for name, _ in evaluate.OUR_SCHEDULERS])
+def test_cli_samples_the_shipped_model_with_each_of_our_schedulers(name):
+    folder = os.path.join(os.path.dirname(evaluate.__file__), "pretrained", "digits-ddpm")
+    metrics = evaluate.main([folder, "--scheduler", name, "--num_samples", "4", "--num_inference_steps", "3"])
+    assert metrics["scheduler"] == dict(evaluate.OUR_SCHEDULERS)[name].__name__ and metrics["num_samples"] == 4
+    assert np.isfinite(metrics["frechet_distance"])
+
+
+def test_every_scheduler_of_ours_is_a_choice():
+    import schedulers
+
+    ours = {c for c in vars(schedulers).values() if isinstance(c, type) and c.__name__.endswith("Scheduler")}
+    assert ours == {klass for _, klass in evaluate.OUR_SCHEDULERS}
+
+
+def test_evaluate_folder_refuses_an_unknown_scheduler_naming_the_choices(tmp_path):
+    _save_tiny_pipeline(tmp_path / "pipe")
+    with pytest.raises(evaluate.EvaluationError, match=r"--scheduler='heun' is not supported; choose one of \("):
+        evaluate.evaluate_folder(str(tmp_path / "pipe"), scheduler="heun")

@@ -9,6 +9,8 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from training import train_unconditional as tu
+from training import training_run
+from training.precision import Float32AttnProcessor, use_float32_attention
 
 from .conftest import TINY_UNET, tiny_args
 
@@ -40,8 +42,8 @@ def test_float32_attention_under_bf16_autocast_equals_float32_attention(monkeypa
         reference = attn(x)  # float32, no autocast
         with torch.autocast("cpu", dtype=torch.bfloat16):
             attn(x)
-        assert tu.use_float32_attention(unet) == 1
-        assert isinstance(attn.processor, tu.Float32AttnProcessor)
+        assert use_float32_attention(unet) == 1
+        assert isinstance(attn.processor, Float32AttnProcessor)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             kept = attn(x)
     # diffusers' processor under autocast attends in bf16; ours in float32, exactly as without autocast
@@ -54,8 +56,8 @@ def test_a_run_records_its_precision_and_attends_in_float32_only_under_autocast(
     tmp_path, tiny_config, monkeypatch, precision, resolved, processors_set
 ):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    calls, real = [], tu.use_float32_attention
-    monkeypatch.setattr(tu, "use_float32_attention", lambda model: calls.append(real(model)) or calls[-1])
+    calls, real = [], use_float32_attention
+    monkeypatch.setattr(training_run, "use_float32_attention", lambda model: calls.append(real(model)) or calls[-1])
     out = tmp_path / precision
     tu.main(tiny_args(tiny_config, out, "--max_train_steps", 2, "--mixed_precision", precision))
     with open(os.path.join(out, "metrics.json")) as f:

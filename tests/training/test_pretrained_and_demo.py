@@ -3,12 +3,15 @@
 import json
 import os
 
+import pytest
 import torch
 from diffusers import UNet2DModel
 
 from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
 from schedulers import TutorialDDIMScheduler
-from training import demo, evaluate
+from training import demo
+from training.metrics import digits_metrics
+from training.sampling import sample_sharded
 
 from .conftest import ROOT, TINY_UNET
 
@@ -16,32 +19,40 @@ PRETRAINED = ROOT / "training" / "pretrained" / "digits-ddpm"
 PRETRAINED_CFG = ROOT / "training" / "pretrained" / "digits-cfg"
 
 
-def test_shipped_model_is_small_and_samples_digits_with_ddim_10_steps():
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED) for f in fs)
-    assert size < 5_000_000
-    card = (PRETRAINED / "README.md").read_text()
-    assert "accelerate launch training/train_unconditional.py" in card
+@pytest.mark.parametrize(
+    "folder, command",
+    [
+        (PRETRAINED, "accelerate launch training/train_unconditional.py"),
+        (
+            PRETRAINED_CFG,
+            "accelerate launch training/train_unconditional.py --num_class_embeds 10 --cond_drop_prob 0.1",
+        ),
+    ],
+    ids=lambda v: getattr(v, "name", ""),
+)
+def test_shipped_model_is_small_and_its_card_names_the_training_command(folder, command):
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) < 5_000_000
+    assert command in (folder / "README.md").read_text()
+
+
+def test_shipped_model_samples_digits_with_ddim_10_steps():
     pipe = TutorialUnconditionalPipeline.from_pretrained(str(PRETRAINED))
     ddim = TutorialDDIMScheduler.from_config(pipe.scheduler.config)
-    samples = evaluate.sample_sharded(pipe.unet.eval(), ddim, 128, 10, seed=0)
-    metrics = evaluate.digits_metrics(samples)
+    samples = sample_sharded(pipe.unet.eval(), ddim, 128, 10, seed=0)
+    metrics = digits_metrics(samples)
     # Real held-out digits score ~40-50 at this sample size, noise and untrained models > 500 (test_evaluate.py).
     assert metrics["frechet_distance"] < 150, metrics
     assert metrics["class_coverage"] >= 0.9 and metrics["mean_confidence"] > 0.8, metrics
 
 
 def test_shipped_class_conditional_model_draws_the_requested_digit_and_guidance_helps():
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(PRETRAINED_CFG) for f in fs)
-    assert size < 5_000_000
-    card = (PRETRAINED_CFG / "README.md").read_text()
-    assert "accelerate launch training/train_unconditional.py --num_class_embeds 10 --cond_drop_prob 0.1" in card
     pipe = TutorialClassConditionalPipeline.from_pretrained(str(PRETRAINED_CFG))
     labels = torch.arange(100) % 10
     accuracy = {}
     for scale in (0.0, 2.0):  # w = 0 is the unconditional branch alone: it ignores the label
         ddim = TutorialDDIMScheduler.from_config(pipe.scheduler.config)
-        samples = evaluate.sample_sharded(pipe.unet.eval(), ddim, 100, 10, class_labels=labels, guidance_scale=scale)
-        accuracy[scale] = evaluate.digits_metrics(samples, class_labels=labels)["conditional_accuracy"]
+        samples = sample_sharded(pipe.unet.eval(), ddim, 100, 10, class_labels=labels, guidance_scale=scale)
+        accuracy[scale] = digits_metrics(samples, class_labels=labels)["conditional_accuracy"]
     assert accuracy[2.0] > 0.85, accuracy  # ~0.94 measured at 256 samples, 50 steps
     assert accuracy[0.0] < 0.3, accuracy  # chance is 0.1: without guidance the label is not used
 

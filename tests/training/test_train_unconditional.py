@@ -137,7 +137,7 @@ def test_bad_flags_are_cli_errors_naming_the_flag(capsys):
 def test_no_arguments_means_digits_and_a_small_default_unet():
     args = tu.parse_args([])
     assert args.dataset_name is None and args.train_data_dir is None and args.resolution == 16
-    model = tu.build_model(args, channels=1)
+    model = tu.build_model(tu.resolve_settings(args), channels=1)
     assert model.config.in_channels == 1 and model.config.sample_size == 16
     assert 3e5 < sum(p.numel() for p in model.parameters()) < 1.5e6
     # Every flag of diffusers' train_unconditional.py exists under the same name.

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from training import checkpoints as ckpt
-from training import output_folder
+from training import loss_log, output_folder
 from training import train_unconditional as tu
 
 from .conftest import ROOT, SCRIPT, read_losses, subprocess_env, tiny_args
@@ -355,10 +355,13 @@ def test_a_loss_that_does_not_fall_warns_naming_the_learning_rate(tmp_path, tiny
     flat = [1.0 + 0.01 * ((-1) ** i) for i in range(300)]
     falling = [1.0 * 0.99**i for i in range(300)]
     settings = tu.resolve_settings(tu.parse_args([]))
-    assert "--learning_rate (now 0.002" in tu.loss_plateau_warning(flat, settings)
-    assert tu.loss_plateau_warning(falling, settings) is None and tu.loss_plateau_warning(flat[:299], settings) is None
+    assert "--learning_rate (now 0.002" in loss_log.loss_plateau_warning(flat, settings)
+    assert (
+        loss_log.loss_plateau_warning(falling, settings) is None
+        and loss_log.loss_plateau_warning(flat[:299], settings) is None
+    )
 
-    monkeypatch.setattr(tu, "LOSS_PLATEAU_CHECK_UPDATE", 60)
+    monkeypatch.setattr(loss_log, "LOSS_PLATEAU_CHECK_UPDATE", 60)
     with caplog.at_level(logging.WARNING, logger="train_unconditional"):
         tu.main(tiny_args(tiny_config, tmp_path / "run", "--max_train_steps", 60, "--learning_rate", "1e-12"))
     assert "the loss has not fallen in 60 updates" in caplog.text and "--learning_rate (now 1e-12" in caplog.text

@@ -6,7 +6,7 @@ as given, so second-order schedulers (Heun, `order = 2`) get their two evaluatio
 passes is the one that runs: it is never replaced.
 
 This file is shipped inside saved pipeline folders: it imports only torch, diffusers and its sibling
-`tutorial_pipeline_utils.py`.
+`tutorial_pipeline_*.py` files.
 """
 
 import importlib
@@ -15,6 +15,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+# diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
+# facts"), so the files `TutorialPipelineBase` is built from are imported here too.
+from .tutorial_pipeline_folder import MODEL_INDEX  # noqa: F401
+from .tutorial_pipeline_loading import TutorialLoadingMixin  # noqa: F401
+from .tutorial_pipeline_saving import TutorialSavingMixin  # noqa: F401
 from .tutorial_pipeline_utils import TutorialPipelineBase, TutorialPipelineOutput
 
 
@@ -75,10 +80,11 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         tensor_inputs = self.resolve_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_callback_inputs(tensor_inputs)
 
-        # 1. The grid t_1 > ... > t_N (repeated entries for multi-stage schedulers such as Heun).
-        device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 1. The grid t_1 > ... > t_N (repeated entries for multi-stage schedulers such as Heun), kept on the host: the
+        #    scheduler looks t up there without waiting for the device; the UNet reads a copy made on the device once.
+        self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
+        timesteps_on_device = timesteps.to(self._execution_device)
 
         # 2. x_T = σ_init z.
         latents = self.prepare_latents(batch_size, generator, latents)
@@ -89,16 +95,11 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         # 3. Reverse process: one network evaluation and one scheduler step per entry of the grid.
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = out.prev_sample
-            self.check_finite(latents, model_output, i, t, len(timesteps))
-
-            if return_trajectory:
-                self.record_step(trajectory, pred_x0s, latents, out)
-            if callback_on_step_end is not None:
-                outputs = self.run_callback(callback_on_step_end, i, t, tensor_inputs, locals())
-                latents = outputs.pop("latents", latents)
+            latents = self.finish_step(
+                i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
+            )
 
         # 4. [-1, 1] -> images.
         images = self.postprocess(latents, output_type)
@@ -106,20 +107,14 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         return self.pipeline_output(images, trajectory, pred_x0s, timesteps, return_trajectory, return_dict)
 
     # ---- likelihood: the tutorial's ELBO and the exact probability-flow-ODE likelihood --------------------------------
-    # The math lives in `custom_pipelines/tutorial_likelihood.py`, loaded on first use. Not a plain import, on purpose:
-    # this file is shipped inside saved folders, where diffusers scans its import lines (`check_imports`) and tells the
-    # user to `pip install` every top-level name it cannot import (`custom_pipelines`; the distribution is called
-    # diffusion-tutorial). The folder loads where only diffusers is installed; likelihoods then need this package.
-    # tests/test_layering.py reads the string below as an import of `custom_pipelines.tutorial_likelihood`.
-    def _likelihood_args(self):
-        likelihood = importlib.import_module("custom_pipelines.tutorial_likelihood")
-        schedule = likelihood.schedule_of(self.scheduler)  # a diffusers scheduler is read through our DDPM's config
+    def _unet_as_model(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The UNet as the likelihoods' `model(x_t, t)`: in the state's dtype, at integer or fractional t."""
 
         def model(x_t: torch.Tensor, t) -> torch.Tensor:
             t = torch.as_tensor(t, device=x_t.device)
             return self.unet(x_t.to(self.unet.dtype), t).sample.to(x_t.dtype)
 
-        return likelihood, model, schedule
+        return model
 
     @torch.no_grad()
     def variational_bound(self, images: torch.Tensor, num_steps: Optional[int] = None, **kwargs):
@@ -129,20 +124,20 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
             images (`torch.Tensor`): x_0 in [-1, 1], shape (B, C, H, W) (8-bit data for the default discretized
                 decoder).
             num_steps (`int`, *optional*): respaced grid size K (all T steps if not given).
-            **kwargs: `decoder`, `value_range`, `generator` of `tutorial_likelihood.variational_bound`.
+            **kwargs: `decoder`, `value_range`, `generator` of `schedulers.tutorial_likelihood.variational_bound`.
 
         Returns:
             `VariationalBound` (per-sample bits/dim and the prior, per-step KL and decoder terms).
         """
-        likelihood, model, schedule = self._likelihood_args()
         images = images.to(self._execution_device)
-        return likelihood.variational_bound(model, schedule, images, num_steps=num_steps, **kwargs)
+        return _likelihood().variational_bound(
+            self._unet_as_model(), self.scheduler, images, num_steps=num_steps, **kwargs
+        )
 
     @torch.no_grad()
     def variational_bound_dataset(self, batches: Iterable[torch.Tensor], **kwargs):
         """`variational_bound` averaged over an iterable of image batches (the dataset-level ELBO in bits/dim)."""
-        likelihood, model, schedule = self._likelihood_args()
-        return likelihood.variational_bound_dataset(model, schedule, batches, **kwargs)
+        return _likelihood().variational_bound_dataset(self._unet_as_model(), self.scheduler, batches, **kwargs)
 
     def log_likelihood(self, images: torch.Tensor, **kwargs):
         """The exact log-likelihood through the probability-flow ODE (instantaneous change of variables), in bits/dim.
@@ -151,10 +146,23 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
             images (`torch.Tensor`): x in [-1, 1], shape (B, C, H, W).
             **kwargs: `trace` (`"exact"` or `"hutchinson"`), `probe`, `num_probes`, `rtol`, `atol`, `max_evals`,
                 `dequantize` (8-bit images: +7 bits/dim offset), `generator` of
-                `tutorial_likelihood.ode_log_likelihood`.
+                `schedulers.tutorial_likelihood.ode_log_likelihood`.
 
         Returns:
             `ODELikelihood` (per-sample log-likelihood, bits/dim and the number of model evaluations).
         """
-        likelihood, model, schedule = self._likelihood_args()
-        return likelihood.ode_log_likelihood(model, schedule, images.to(self._execution_device), **kwargs)
+        images = images.to(self._execution_device)
+        return _likelihood().ode_log_likelihood(self._unet_as_model(), self.scheduler, images, **kwargs)
+
+
+# The likelihoods are plain functions beside the math, in `schedulers/tutorial_likelihood.py`; they take this
+# pipeline's scheduler as it is (a diffusers scheduler's ᾱ is read from its config). The module is imported when a
+# likelihood is first asked for, not at the top of this file: the file is shipped inside saved folders, which load where
+# only diffusers is installed, and diffusers tells the user to `pip install` every top-level name an import line of a
+# shipped file names (`schedulers` is not the name of this project's distribution). Likelihoods need this project.
+LIKELIHOOD_MODULE = "schedulers.tutorial_likelihood"
+
+
+def _likelihood():
+    """The module `LIKELIHOOD_MODULE` (tests/test_layering.py reads this import like any other)."""
+    return importlib.import_module(LIKELIHOOD_MODULE)

@@ -18,35 +18,23 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import tutorial_math as tm
+from .tutorial_scheduler_common import TutorialSchedulerCommon
 
 
-class TutorialDiscreteScheduler:
+class TutorialDiscreteScheduler(TutorialSchedulerCommon):
     """Mixin holding the β/ᾱ tables, the timestep grid and the argument checks of our discrete schedulers.
 
     Subclasses also derive from diffusers' `SchedulerMixin` and `ConfigMixin` and call `_init_schedule` from their
     `@register_to_config` `__init__`.
     """
 
-    init_noise_sigma = 1.0  # x_T ~ N(0, I) for every variance-preserving schedule
-    order = 1
-
     def _init_schedule(self) -> None:
         cfg = self.config
-        if not isinstance(cfg.num_train_timesteps, int) or cfg.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps={cfg.num_train_timesteps!r} must be a positive integer.")
-        tm.check_choice("prediction_type", cfg.prediction_type, tm.PREDICTION_TYPES)
+        self._check_common_config()
         tm.check_choice("timestep_spacing", cfg.timestep_spacing, tm.TIMESTEP_SPACINGS)
-        if cfg.thresholding and not 0 < cfg.dynamic_thresholding_ratio <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio={cfg.dynamic_thresholding_ratio!r} must lie in (0, 1].")
-        if cfg.thresholding and not cfg.sample_max_value > 0:
-            raise ValueError(
-                f"sample_max_value={cfg.sample_max_value!r} must be > 0 (the largest threshold; below 1 it is the "
-                "threshold itself)."
-            )
         if cfg.clip_sample and not cfg.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range={cfg.clip_sample_range!r} must be > 0.")
-        if not isinstance(cfg.steps_offset, int) or cfg.steps_offset < 0:
-            raise ValueError(f"steps_offset={cfg.steps_offset!r} must be a non-negative integer.")
+        tm.check_int("steps_offset", cfg.steps_offset, minimum=0)
         if cfg.rescale_betas_zero_snr and cfg.prediction_type == "epsilon":
             # With ᾱ_T = 0, x_T = ε exactly, so an ε-prediction carries no information about x_0 and
             # x̂_0 = (x_T - ε̂) / √ᾱ_T (DDPM eq. (15)) is 0/0. Lin et al. 2023 (Sec. 3.2) pair zero terminal SNR
@@ -57,16 +45,7 @@ class TutorialDiscreteScheduler:
                 "or 'sample' (allowed with rescale_betas_zero_snr=True: ('sample', 'v_prediction'))."
             )
 
-        betas = tm.make_betas(
-            cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas
-        )
-        if cfg.rescale_betas_zero_snr:
-            betas = tm.rescale_zero_terminal_snr(betas)
-        # float64 tables are the truth; the float32 ones are diffusers' compatibility attributes.
-        self.alpha_bar = tm.alpha_bar_from_betas(betas)
-        self.betas = betas.float()
-        self.alphas = (1.0 - betas).float()
-        self.alphas_cumprod = self.alpha_bar.float()
+        self._init_tables()
         self._sqrt_alpha_bar = self.alpha_bar.sqrt()
         self._sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
 
@@ -119,7 +98,7 @@ class TutorialDiscreteScheduler:
         if timesteps is None:
             n = num_inference_steps
             if type(n) is not int:
-                n = tm.as_integer("num_inference_steps", n, f"in [1, num_train_timesteps={T}]")
+                n = tm.check_int("num_inference_steps", n, 1, T, "num_train_timesteps")
             key = n
         else:
             key = ("custom", tuple(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps))
@@ -203,8 +182,11 @@ class TutorialDiscreteScheduler:
         On the grid: the grid's own successor t' and the cached tables. Off the grid: diffusers' t' = t - T//N (x_0
         when negative) and a one-row table computed for it.
         """
+        i = tm.entry_index(timestep, self.timesteps)
         if type(timestep) is int:
             t = timestep
+        elif i is not None and len(self.timesteps) == len(self._grid["timesteps"]):  # an entry of the grid set last:
+            t = int(self._grid["timesteps"][i])  # its value from the host copy (a device tensor is not read)
         elif torch.is_tensor(timestep) and not timestep.is_floating_point() and timestep.numel() == 1:
             t = int(timestep)  # an entry of self.timesteps: the common case, checked by the lookup below
         else:
@@ -228,16 +210,6 @@ class TutorialDiscreteScheduler:
         return torch.tensor(prev) if torch.is_tensor(timestep) else prev
 
     # ---- starting part-way down the grid (img2img, inpainting, SDEdit) ---------------------------------------------
-    @property
-    def begin_index(self) -> Optional[int]:
-        """The entry of `timesteps` the sampling loop starts at (set by pipelines with `set_begin_index`)."""
-        return self._begin_index
-
-    @property
-    def step_index(self) -> Optional[int]:
-        """The entry of `timesteps` the next `step` serves (None before the first step, or after an off-grid one)."""
-        return self._step_index
-
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the sampling loop at entry `begin_index` of `timesteps`, as diffusers' img2img pipelines do.
 
@@ -248,10 +220,7 @@ class TutorialDiscreteScheduler:
             begin_index (`int`, defaults to 0): an entry of `timesteps`, in [0, len(timesteps) - 1].
         """
         n = len(self.timesteps)
-        k = tm.as_integer("begin_index", begin_index, f"in [0, len(timesteps) - 1 = {n - 1}]")
-        if not 0 <= k < n:
-            raise ValueError(f"begin_index={k} must lie in [0, len(timesteps) - 1 = {n - 1}].")
-        self._begin_index = k
+        self._begin_index = tm.check_int("begin_index", begin_index, 0, n - 1, "len(timesteps) - 1")
 
     @staticmethod
     def _check_shapes(model_output: torch.Tensor, sample: torch.Tensor, channels_factor: int = 1) -> None:
@@ -274,10 +243,6 @@ class TutorialDiscreteScheduler:
         return x0
 
     # ------------------------------------------------------------------------------------------------------------
-    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
-        """Identity: variance-preserving models take x_t as it is (kept for interchangeability with Euler & co.)."""
-        return sample
-
     def _coefs_at(self, timesteps, like: torch.Tensor):
         """(√ᾱ_t, √(1-ᾱ_t)) broadcast against `like`, for integer t in [0, T-1] (checked: no silent wrap of -1)."""
         T = self.config.num_train_timesteps
@@ -324,6 +289,3 @@ class TutorialDiscreteScheduler:
         """The v-prediction target v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho 2022); `sample` is x_0."""
         a, s = self._coefs_at(timesteps, sample)
         return a * noise - s * sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

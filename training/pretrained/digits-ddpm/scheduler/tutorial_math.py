@@ -13,14 +13,15 @@ Glossary: one symbol, one spelling, everywhere in this repository.
     α_t = 1 - β_t       alpha               per-step signal retention (never ᾱ!)
     ᾱ_t = Π_s α_s       alpha_bar           cumulative signal retention; diffusers calls it ``alphas_cumprod``
     ᾱ_{t'}              alpha_bar_prev      ᾱ at the grid's next (less noisy) timestep t' < t
-    √ᾱ_t                sqrt(alpha_bar)     mean coefficient of q(x_t | x_0)
+    √ᾱ_t                sqrt_alpha_bar      mean coefficient of q(x_t | x_0); DPM-Solver's and the score SDE's "α_t"
     σ_t = √(1 - ᾱ_t)    sigma               standard deviation of q(x_t | x_0)
     SNR_t = ᾱ/(1 - ᾱ)   snr                 signal-to-noise ratio
     log SNR_t           log_snr
-    λ_t = ½ log SNR_t   half_log_snr        the "λ" of DPM-Solver = log(√ᾱ_t / σ_t)
+    λ_t = ½ log SNR_t   half_log_snr        the "λ" of DPM-Solver = log(√ᾱ_t / σ_t); ᾱ = sigmoid(2λ)
     ε                   eps                 the standard Gaussian noise in x_t = √ᾱ_t x_0 + σ_t ε
     x̂_0                 x0                  (predicted) clean sample
-    v = √ᾱ ε - σ x_0    v                   velocity
+    v = √ᾱ ε - σ x_0    v                   velocity (the v-prediction target, never an ODE's right-hand side)
+    dx/dλ               drift               the right-hand side of the probability-flow ODE (`tutorial_ode.py`)
     ∇ log q_t(x_t)      score               = -ε / σ_t
 
 Everything here is computed in float64 (schedules) and cast to the caller's dtype at the boundary.
@@ -53,19 +54,45 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {tuple(allowed)}.")
 
 
-def as_integer(name: str, value, allowed: str = "") -> int:
-    """`value` as a Python int if it is an integer of any kind (int, numpy integer, 0-d integer tensor), else raise.
+def check_int(
+    name: str, value, minimum: int = 1, maximum: Optional[int] = None, maximum_name: str = "", reason: str = ""
+) -> int:
+    """`value` as a Python int if it is an integer in [minimum, maximum]; else a `ValueError` naming the argument, its
+    value and the allowed range.
 
-    Booleans, floats (even integral ones) and tensors with more than one element are refused with a `ValueError`
-    naming the argument, its value and `allowed` (e.g. "in [1, 1000]").
+    Any integer kind is accepted (an int, a numpy integer, a 0-d or one-element integer tensor, as pipelines pass);
+    booleans, floats (even integral ones) and larger tensors are refused. There is no upper bound when `maximum` is
+    None; `maximum_name` names where the upper bound comes from (e.g. "num_train_timesteps") and `reason` why the range
+    is what it is, both in the message.
     """
+    number = None
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if torch.is_tensor(value) and value.numel() == 1 and value.ndim <= 1:
+        number = int(value)
+    elif torch.is_tensor(value) and value.numel() == 1 and value.ndim <= 1:
         if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-            return int(value)
-    what = f"an integer {allowed}".rstrip()
-    raise ValueError(f"{name}={value!r} must be {what} (an int, a numpy integer or a 0-d integer tensor).")
+            number = int(value)
+    if number is not None and minimum <= number and (maximum is None or number <= maximum):
+        return number
+    if maximum is None:
+        allowed = f">= {minimum}"
+    else:
+        allowed = f"in [{minimum}, {maximum_name + '=' if maximum_name else ''}{maximum}]"
+    notes = ([reason] if reason else []) + ([] if number is not None else ["an int, a numpy integer or 0-d tensor"])
+    why = f" ({'; '.join(notes)})" if notes else ""
+    raise ValueError(f"{name}={value!r} must be an integer {allowed}{why}.")
+
+
+def entry_index(timestep, timesteps: torch.Tensor) -> Optional[int]:
+    """The index of `timestep` in `timesteps` when it is one of its entries (`for t in timesteps` yields 0-d views of
+    it), found from the view's position in memory, not its value: a device tensor is not read. None otherwise.
+
+    Reading a value on the host waits for the device; a sampling loop that did so at every step would wait for the
+    GPU at every step. Only a `timesteps` that is not itself a view qualifies (a scheduler's own grid).
+    """
+    if not torch.is_tensor(timestep) or timestep.dim() != 0 or timestep._base is not timesteps or timesteps.dim() != 1:
+        return None
+    index, rest = divmod(timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0))
+    return index if rest == 0 and 0 <= index < len(timesteps) else None
 
 
 def expand_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,11 +122,11 @@ def cosine_alpha_bar(t: float) -> float:
 def laplace_alpha_bar(t: float) -> float:
     """ᾱ(t) of the Laplace schedule (Hang et al. 2024, arXiv:2407.03297), as diffusers defines it.
 
-    The log-SNR is Laplace-distributed around 0: λ(t) = -½ sign(½ - t) log(1 - 2|½ - t| + 1e-6). diffusers' value
-    is the square root of SNR/(1 + SNR); we keep that definition so configs mean the same thing.
+    The log-SNR is Laplace-distributed around 0: log SNR(t) = -½ sign(½ - t) log(1 - 2|½ - t| + 1e-6). diffusers'
+    value is the square root of SNR/(1 + SNR); we keep that definition so configs mean the same thing.
     """
-    lam = -0.5 * math.copysign(1.0, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
-    snr_t = math.exp(lam)
+    log_snr_t = -0.5 * math.copysign(1.0, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr_t = math.exp(log_snr_t)
     return math.sqrt(snr_t / (1 + snr_t))
 
 
@@ -133,9 +160,7 @@ def make_betas(
     Returns:
         `torch.Tensor`: float64 tensor of shape (T,).
     """
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer.")
-    T = num_train_timesteps
+    T = check_int("num_train_timesteps", num_train_timesteps, minimum=1)
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
         if betas.numel() != T:
@@ -218,8 +243,10 @@ def half_log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     return 0.5 * log_snr(alpha_bar)
 
 
-def alpha_bar_from_log_snr(log_snr_t: torch.Tensor) -> torch.Tensor:
-    """Invert `log_snr`: ᾱ = sigmoid(log SNR)."""
+def alpha_bar_from_log_snr(log_snr_t: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    """Invert `log_snr`: ᾱ = sigmoid(log SNR); with λ = ½ log SNR, ᾱ = sigmoid(2λ). A Python float gives a float."""
+    if isinstance(log_snr_t, float):
+        return 1.0 / (1.0 + math.exp(-log_snr_t))
     return torch.sigmoid(log_snr_t)
 
 
@@ -406,9 +433,8 @@ def spaced_timesteps(
     Built with numpy in float64 (a few microseconds: pipelines call this on every request).
     """
     check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-    T, N = num_train_timesteps, num_inference_steps
-    if not isinstance(N, int) or isinstance(N, bool) or not 1 <= N <= T:
-        raise ValueError(f"num_inference_steps={N!r} must be an integer in [1, num_train_timesteps={T}].")
+    T = num_train_timesteps
+    N = check_int("num_inference_steps", num_inference_steps, 1, T, maximum_name="num_train_timesteps")
     if timestep_spacing == "leading":
         grid = np.arange((N - 1) * (T // N) + steps_offset, steps_offset - 1, -(T // N), dtype=np.int64)
     elif timestep_spacing == "trailing":
@@ -492,22 +518,24 @@ def timestep_at(half_log_snr: torch.Tensor, half_log_snr_table: torch.Tensor) ->
     Raises `ValueError` if λ is outside [λ_{T-1}, λ_0], the range the model was trained on.
     """
     table = half_log_snr_table
-    lam = torch.as_tensor(half_log_snr, dtype=torch.float64, device=table.device)
+    half_log_snr = torch.as_tensor(half_log_snr, dtype=torch.float64, device=table.device)
     lo, hi = float(table[-1]), float(table[0])
     span = 1e-9 * (1 + abs(lo) + abs(hi))
-    if bool((lam < lo - span).any() or (lam > hi + span).any()):
-        raise ValueError(f"half log-SNR value(s) {lam.flatten()[:4].tolist()} outside the model's range [{lo}, {hi}].")
+    if bool((half_log_snr < lo - span).any() or (half_log_snr > hi + span).any()):
+        raise ValueError(
+            f"half log-SNR value(s) {half_log_snr.flatten()[:4].tolist()} outside the model's range [{lo}, {hi}]."
+        )
     ascending = table.flip(0)  # ascending[k] = λ_{T-1-k}
-    lam = lam.clamp(lo, hi)
-    k = (torch.searchsorted(ascending, lam.flatten(), right=True) - 1).clamp(0, table.numel() - 2)
-    frac = (lam.flatten() - ascending[k]) / (ascending[k + 1] - ascending[k])
-    return (table.numel() - 1 - (k + frac)).reshape(lam.shape)
+    half_log_snr = half_log_snr.clamp(lo, hi)
+    k = (torch.searchsorted(ascending, half_log_snr.flatten(), right=True) - 1).clamp(0, table.numel() - 2)
+    frac = (half_log_snr.flatten() - ascending[k]) / (ascending[k + 1] - ascending[k])
+    return (table.numel() - 1 - (k + frac)).reshape(half_log_snr.shape)
 
 
 def alpha_bar_at(t, alpha_bar_table: torch.Tensor) -> torch.Tensor:
     """ᾱ(t) = sigmoid(2 λ(t)) for fractional t (the continuous schedule of this module); float64."""
     table = torch.as_tensor(alpha_bar_table, dtype=torch.float64)
-    return torch.sigmoid(2 * half_log_snr_at(t, half_log_snr(table)))
+    return alpha_bar_from_log_snr(2 * half_log_snr_at(t, half_log_snr(table)))
 
 
 def placement_half_log_snrs(
@@ -525,16 +553,16 @@ def placement_half_log_snrs(
         `torch.Tensor`: float64, strictly increasing λ.
     """
     check_choice("step_placement", step_placement, STEP_PLACEMENTS)
-    lam_max, lam_min = float(half_log_snr_table[0]), float(half_log_snr_table[-1])
+    half_log_snr_max, half_log_snr_min = float(half_log_snr_table[0]), float(half_log_snr_table[-1])
     u = torch.linspace(0, 1, num_points, dtype=torch.float64)
     if step_placement == "logsnr":
-        return lam_min + u * (lam_max - lam_min)
+        return half_log_snr_min + u * (half_log_snr_max - half_log_snr_min)
     if step_placement == "karras":
         # Karras eq. (5): σ̄_i = (σ̄_max^{1/ρ} + i/(N-1) (σ̄_min^{1/ρ} - σ̄_max^{1/ρ}))^ρ with σ̄ = e^{-λ}.
-        s_max, s_min = math.exp(-lam_min / rho), math.exp(-lam_max / rho)
-        lam = -rho * torch.log(s_max + u * (s_min - s_max))
-        lam[0], lam[-1] = lam_min, lam_max  # exact endpoints, free of rounding
-        return lam
+        s_max, s_min = math.exp(-half_log_snr_min / rho), math.exp(-half_log_snr_max / rho)
+        half_log_snr = -rho * torch.log(s_max + u * (s_min - s_max))
+        half_log_snr[0], half_log_snr[-1] = half_log_snr_min, half_log_snr_max  # exact endpoints, free of rounding
+        return half_log_snr
     t = (half_log_snr_table.numel() - 1) * (1 - u)  # time_uniform
     return half_log_snr_at(t, half_log_snr_table)
 

@@ -2,14 +2,16 @@
 
 - Variational bound: DDPM (Ho et al. 2020, arXiv:2006.11239) eq. (5), L = L_T + Σ L_{t-1} + L_0, with the
   respacing of improved DDPM (Nichol & Dhariwal 2021, arXiv:2102.09672, App. B) and its discretized-Gaussian
-  decoder (DDPM Sec. 3.3).
-- Exact likelihood: Song et al. 2021 (arXiv:2011.13456) App. D.2: the probability-flow ODE with the instantaneous
-  change of variables, d log p(x_λ) / dλ = -tr(∂f/∂x) (Chen et al. 2018, arXiv:1806.07366), the trace exact or by
-  Hutchinson's estimator (Grathwohl et al. 2018, arXiv:1810.01367), and uniform dequantisation of 8-bit data.
+  decoder (DDPM Sec. 3.3). Every KL term is `tutorial_math.gaussian_kl`.
+- Exact likelihood: Song et al. 2021 (arXiv:2011.13456) App. D.2: the probability-flow ODE (`tutorial_ode.pf_ode_field`)
+  with the instantaneous change of variables, d log p(x_λ) / dλ = -tr(∂f/∂x) (Chen et al. 2018, arXiv:1806.07366),
+  the trace exact or by Hutchinson's estimator (Grathwohl et al. 2018, arXiv:1810.01367), and uniform dequantisation
+  of 8-bit data; integrated by `tutorial_ode.dormand_prince`.
 
-Pure functions: a model is any callable `model(x_t, t)` returning the network's output (ε, x_0 or v as
-`prediction_type` says) at integer or fractional timesteps t; a schedule is a scheduler of ours (or any object with
-a float64 `alpha_bar` table and `config.prediction_type`). The pipeline exposes them as methods.
+Plain functions beside the math: a model is any callable `model(x_t, t)` returning the network's output (ε, x_0 or v
+as `prediction_type` says) at integer or fractional timesteps t; a schedule is any scheduler, ours or diffusers' (see
+`schedule_of`). A leaf: it imports only `tutorial_math.py` and `tutorial_ode.py`. The pipelines expose these
+functions as `pipe.variational_bound`, `pipe.variational_bound_dataset` and `pipe.log_likelihood`.
 """
 
 import math
@@ -18,9 +20,8 @@ from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
-from schedulers import TutorialDDPMScheduler
-from schedulers import tutorial_math as tm
-from schedulers.tutorial_ode import dormand_prince
+from . import tutorial_math as tm
+from .tutorial_ode import describe_position, dormand_prince, pf_ode_field
 
 DECODERS = ("discretized", "gaussian")
 TRACE_ESTIMATORS = ("exact", "hutchinson")
@@ -29,26 +30,38 @@ PROBES = ("rademacher", "gaussian")
 BIN_HALF_WIDTH = 1.0 / 255.0
 
 
-def schedule_of(scheduler):
-    """The schedule (the ᾱ table and prediction type) the likelihoods read for any scheduler.
+def schedule_of(scheduler) -> Tuple[torch.Tensor, str]:
+    """The schedule the likelihoods read: the float64 ᾱ table and the prediction type of any scheduler.
 
     Args:
-        scheduler: a scheduler of ours, returned as it is, or a diffusers scheduler, read through its config (the
-            config keys are shared, so `TutorialDDPMScheduler.from_config` rebuilds the same ᾱ table).
+        scheduler: a scheduler of ours (its `alpha_bar` table is used as it is), or a diffusers scheduler, whose ᾱ is
+            rebuilt in float64 from its config (the config keys are diffusers', so the table is the one our
+            `TutorialDDPMScheduler.from_config` would build).
 
     Returns:
-        A scheduler of ours with `alpha_bar` and `config.prediction_type`.
+        `(alpha_bar, prediction_type)`: a float64 tensor of shape (T,) and one of `tutorial_math.PREDICTION_TYPES`.
     """
-    if getattr(scheduler, "alpha_bar", None) is not None:
-        return scheduler
-    return TutorialDDPMScheduler.from_config(scheduler.config)
-
-
-def _schedule(schedule) -> Tuple[torch.Tensor, str]:
-    alpha_bar = getattr(schedule, "alpha_bar", None)
+    config = getattr(scheduler, "config", None)
+    if config is None or "num_train_timesteps" not in config:
+        raise ValueError(
+            f"schedule={type(scheduler).__name__} is not a scheduler; pass a scheduler of ours or a diffusers scheduler "
+            "(an object with a `config` holding num_train_timesteps and the beta schedule)."
+        )
+    prediction_type = config.get("prediction_type", "epsilon")
+    tm.check_choice("prediction_type", prediction_type, tm.PREDICTION_TYPES)
+    alpha_bar = getattr(scheduler, "alpha_bar", None)
     if alpha_bar is None:
-        raise ValueError("schedule must be a scheduler of ours (with a float64 `alpha_bar` table).")
-    return alpha_bar.to(torch.float64), schedule.config.prediction_type
+        betas = tm.make_betas(
+            config.get("beta_schedule", "linear"),
+            config["num_train_timesteps"],
+            config.get("beta_start", 0.0001),
+            config.get("beta_end", 0.02),
+            config.get("trained_betas"),
+        )
+        if config.get("rescale_betas_zero_snr", False):
+            betas = tm.rescale_zero_terminal_snr(betas)
+        alpha_bar = tm.alpha_bar_from_betas(betas)
+    return alpha_bar.to(torch.float64), prediction_type
 
 
 def check_value_range(x: torch.Tensor, value_range: Optional[Tuple[float, float]], on_8bit_grid: bool) -> None:
@@ -74,13 +87,6 @@ def check_value_range(x: torch.Tensor, value_range: Optional[Tuple[float, float]
 # ----------------------------------------------------------------------------------------------------------------
 # The variational bound
 # ----------------------------------------------------------------------------------------------------------------
-def normal_kl_to_standard(x0: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-    """KL(q(x_T | x_0) || N(0, I)) per sample, in nats (the prior term L_T of DDPM eq. (5))."""
-    var = 1.0 - alpha_bar
-    per_dim = 0.5 * (alpha_bar * x0.pow(2) + var - 1.0 - math.log(var))
-    return per_dim.reshape(x0.shape[0], -1).sum(1)
-
-
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
     """log P(x) per sample for 8-bit data under N(mean, std²) integrated over each bin (DDPM Sec. 3.3).
 
@@ -137,7 +143,7 @@ def variational_bound(
 
     Args:
         model (`Callable`): `model(x_t, t)` with t a (B,) int64 tensor.
-        schedule: a scheduler of ours (`alpha_bar`, `config.prediction_type`).
+        schedule: a scheduler, ours or diffusers' (`schedule_of`).
         x0 (`torch.Tensor`): data, shape (B, ...).
         num_steps (`int`, *optional*): K grid points t_1 = 0 < ... < t_K = T-1 (improved DDPM respacing); all T if
             not given.
@@ -150,12 +156,10 @@ def variational_bound(
         `VariationalBound`.
     """
     tm.check_choice("decoder", decoder, DECODERS)
-    alpha_bar, prediction_type = _schedule(schedule)
+    alpha_bar, prediction_type = schedule_of(schedule)
     check_value_range(x0, value_range, on_8bit_grid=decoder == "discretized")
     T = alpha_bar.numel()
-    K = T if num_steps is None else num_steps
-    if not isinstance(K, int) or isinstance(K, bool) or not 2 <= K <= T:
-        raise ValueError(f"num_steps={num_steps!r} must be an integer in [2, {T}].")
+    K = T if num_steps is None else tm.check_int("num_steps", num_steps, 2, T)
     grid = torch.linspace(0, T - 1, K, dtype=torch.float64).round().long()
     B, D = x0.shape[0], x0[0].numel()
 
@@ -167,16 +171,21 @@ def variational_bound(
         out = model(x_t, torch.full((B,), t, dtype=torch.int64, device=x0.device))
         return tm.model_output_to_x0(out, x_t, float(alpha_bar[t]), prediction_type)
 
-    prior = normal_kl_to_standard(x0, float(alpha_bar[grid[-1]]))
+    def per_sample(kl: torch.Tensor) -> torch.Tensor:
+        return kl.reshape(B, -1).sum(1)
+
+    # L_T = KL(q(x_T | x_0) || N(0, I)) (DDPM eq. (5)), in float64.
+    mean_T, std_T = tm.q_mean_std(x0.to(torch.float64), alpha_bar[grid[-1]])
+    prior = per_sample(tm.gaussian_kl(mean_T, std_T**2, 0.0, 1.0))
     steps = torch.zeros(B, K - 1, dtype=torch.float64, device=x0.device)
     for k in range(1, K):
         t, t_prev = int(grid[k]), int(grid[k - 1])
         x_t = draw_x_t(t)
         x0_hat = predict_x0(x_t, t)
-        # DDPM eq. (7): both Gaussians share β̃, so the KL is the scaled squared distance of their means.
+        # L_k = KL(q(x_{t'} | x_t, x_0) || p_θ(x_{t'} | x_t)): both Gaussians have variance β̃ (DDPM eq. (7)).
         mean_q, var = tm.q_posterior_mean_variance(x0, x_t, alpha_bar[t], alpha_bar[t_prev])
         mean_p, _ = tm.q_posterior_mean_variance(x0_hat, x_t, alpha_bar[t], alpha_bar[t_prev])
-        steps[:, k - 1] = ((mean_q - mean_p).to(torch.float64).pow(2).reshape(B, -1).sum(1)) / (2 * float(var))
+        steps[:, k - 1] = per_sample(tm.gaussian_kl(mean_q.to(torch.float64), var, mean_p.to(torch.float64), var))
     t1 = int(grid[0])
     x_t1 = draw_x_t(t1)
     mean = predict_x0(x_t1, t1)
@@ -270,7 +279,7 @@ def ode_log_likelihood(
 
     Args:
         model (`Callable`): `model(x_t, t)`, differentiable in x_t; t is a 0-d float64 tensor.
-        schedule: a scheduler of ours (`alpha_bar`, `config.prediction_type`).
+        schedule: a scheduler, ours or diffusers' (`schedule_of`).
         x (`torch.Tensor`): data, shape (B, ...), in the model's dtype (the ODE state keeps it; float64 for
             reference-quality values).
         trace (`str`, defaults to `"exact"`): `exact` (D vector-Jacobian products per evaluation; small D) or
@@ -291,16 +300,14 @@ def ode_log_likelihood(
     """
     tm.check_choice("trace", trace, TRACE_ESTIMATORS)
     tm.check_choice("probe", probe, PROBES)
-    if not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes={num_probes!r} must be a positive integer.")
-    alpha_bar, prediction_type = _schedule(schedule)
+    tm.check_int("num_probes", num_probes, minimum=1)
+    alpha_bar, prediction_type = schedule_of(schedule)
     check_value_range(x, value_range, on_8bit_grid=dequantize)
-    lam_table = tm.half_log_snr(alpha_bar)
+    half_log_snr_table = tm.half_log_snr(alpha_bar)
     T = alpha_bar.numel()
     if not 0 <= t_start < T - 1:
         raise ValueError(f"t_start={t_start!r} must lie in [0, {T - 1}).")
-    B, shape = x.shape[0], x.shape[1:]
-    D = x[0].numel()
+    B, D = x.shape[0], x[0].numel()
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor scaled to the model's range; got dtype {x.dtype}.")
     offset_bits = 0.0
@@ -310,44 +317,45 @@ def ode_log_likelihood(
         x = (k + u) / 128.0 - 1.0
         offset_bits = math.log2(128.0)
     if trace == "hutchinson":
-        size = (num_probes, B) + tuple(shape)
+        size = (num_probes,) + tuple(x.shape)
         if probe == "rademacher":
             probes = torch.randint(0, 2, size, generator=generator, device=x.device).to(x.dtype) * 2 - 1
         else:
             probes = torch.randn(size, generator=generator, dtype=x.dtype, device=x.device)
 
-    def field(lam: float, state: torch.Tensor) -> torch.Tensor:
-        x_lam = state[:, :D].reshape((B,) + tuple(shape))
-        t = tm.timestep_at(torch.tensor(lam, dtype=torch.float64), lam_table)
-        ab = 1.0 / (1.0 + math.exp(-2 * lam))
-        sigma = math.sqrt(1.0 - ab)
+    def trace_of_jacobian(eps: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """tr(∂ε̂/∂x) per sample: D vector-Jacobian products (exact), or Hutchinson's E[vᵀ (∂ε̂/∂x) v]."""
+        tr = torch.zeros(B, dtype=x.dtype, device=x.device)
+        if trace == "exact":
+            flat = eps.reshape(B, -1)
+            for d in range(D):
+                grad = torch.autograd.grad(flat[:, d].sum(), x_in, retain_graph=d < D - 1)[0]
+                tr = tr + grad.reshape(B, -1)[:, d]
+            return tr
+        for p in range(num_probes):
+            v = probes[p]
+            vjp = torch.autograd.grad(eps, x_in, v, retain_graph=p < num_probes - 1)[0]
+            tr = tr + (vjp * v).reshape(B, -1).sum(1) / num_probes
+        return tr
+
+    drift_and_eps = pf_ode_field(model, alpha_bar, prediction_type, return_eps=True)
+
+    def field(half_log_snr: float, state: torch.Tensor) -> torch.Tensor:
+        """The augmented ODE in λ: (dx/dλ = f, d(∫ tr ∂f/∂x)/dλ) for the state (x, running integral)."""
         with torch.enable_grad():
-            x_in = x_lam.detach().requires_grad_(True)
-            eps = tm.model_output_to_x0_eps(model(x_in, t), x_in, ab, prediction_type)[1]
-            if trace == "exact":
-                tr = torch.zeros(B, dtype=x.dtype, device=x.device)
-                flat = eps.reshape(B, -1)
-                for d in range(D):
-                    grad = torch.autograd.grad(flat[:, d].sum(), x_in, retain_graph=d < D - 1)[0]
-                    tr = tr + grad.reshape(B, -1)[:, d]
-            else:
-                tr = torch.zeros(B, dtype=x.dtype, device=x.device)
-                for p in range(num_probes):
-                    v = probes[p]
-                    vjp = torch.autograd.grad(eps, x_in, v, retain_graph=p < num_probes - 1)[0]
-                    tr = tr + (vjp * v).reshape(B, -1).sum(1) / num_probes
-        velocity = (1.0 - ab) * x_lam - sigma * eps.detach()
-        div = D * (1.0 - ab) - sigma * tr  # tr(∂f/∂x)
-        return torch.cat([velocity.reshape(B, -1), div[:, None]], dim=1)
+            x_in = state[:, :D].reshape(x.shape).detach().requires_grad_(True)
+            drift, eps = drift_and_eps(half_log_snr, x_in)
+            tr = trace_of_jacobian(eps, x_in)
+        sigma2 = 1.0 - tm.alpha_bar_from_log_snr(2 * half_log_snr)
+        divergence = D * sigma2 - math.sqrt(sigma2) * tr  # tr(∂f/∂x) = D σ² - σ tr(∂ε̂/∂x)
+        return torch.cat([drift.detach().reshape(B, -1), divergence[:, None]], dim=1)
 
-    lam0 = float(tm.half_log_snr_at(float(t_start), lam_table))
-    lam1 = float(lam_table[-1])
-
-    def describe(lam: float) -> str:
-        return f"λ={lam:.4g} (t={float(tm.timestep_at(torch.tensor(lam, dtype=torch.float64), lam_table)):.4g})"
+    start = float(tm.half_log_snr_at(float(t_start), half_log_snr_table))
+    end = float(half_log_snr_table[-1])
 
     state0 = torch.cat([x.reshape(B, -1), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
-    solution = dormand_prince(field, state0, lam0, lam1, rtol, atol, max_evals, describe)
+    describe = describe_position(half_log_snr_table)
+    solution = dormand_prince(field, state0, start, end, rtol, atol, max_evals, describe)
     x_T, integral = solution.sample[:, :D], solution.sample[:, D]
     prior = -0.5 * (x_T.pow(2).sum(1) + D * math.log(2 * math.pi))
     log_prob = prior + integral

@@ -1,0 +1,131 @@
+"""No per-step host synchronisation in the sampling loops (issue #14, goal 2), checked without a GPU.
+
+On a GPU, reading a device tensor on the host (`.item()`, `int(t)`, `bool(x)`, `.cpu()`, `.tolist()`) waits for every
+kernel queued so far: one such read per step makes the CPU wait for the GPU at every step instead of queueing ahead.
+Here the pipelines run on torch's `meta` device, where every tensor is a device tensor without values, and every read
+of a meta tensor is counted (and answered with a placeholder). A loop may read once, at its end (the deferred NaN/inf
+check); a read per step shows as a count that grows with the number of steps.
+"""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from custom_pipelines import (
+    TutorialClassConditionalPipeline,
+    TutorialDDIMInversionPipeline,
+    TutorialImg2ImgPipeline,
+    TutorialRePaintPipeline,
+    TutorialUnconditionalPipeline,
+)
+from schedulers import (
+    TutorialDDIMScheduler,
+    TutorialDDPMScheduler,
+    TutorialDPMSolverPlusPlusScheduler,
+    TutorialPFODEScheduler,
+    TutorialScoreSDEScheduler,
+)
+
+META = torch.device("meta")
+# Host reads and the placeholder each answers with on `meta` (-1: "no bad step" for the deferred finite check).
+PLACEHOLDERS = {"item": -1, "__int__": -1, "__index__": -1, "__float__": 0.0, "__bool__": False}
+UNREADABLE = ("tolist", "cpu", "numpy")  # no placeholder makes sense: a call fails the test at once
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """The names of the host reads of meta tensors made while the test runs, in order."""
+    reads = []
+
+    def counting(name, real):
+        def read(self, *args, **kwargs):
+            if self.device.type != "meta":
+                return real(self, *args, **kwargs)
+            reads.append(name)
+            if name in UNREADABLE:
+                raise AssertionError(f"Tensor.{name}() of a device tensor inside a sampling loop")
+            return PLACEHOLDERS[name]
+
+        return read
+
+    for name in (*PLACEHOLDERS, *UNREADABLE):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    return reads
+
+
+def _sample(pipeline_cls, scheduler, steps: int, unet_factory):
+    unet = unet_factory(
+        sample_size=8, num_class_embeds=3 if pipeline_cls is TutorialClassConditionalPipeline else None
+    )
+    pipe = pipeline_cls(unet=unet.to(META), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if pipeline_cls is TutorialClassConditionalPipeline:
+        return pipe(class_labels=[0, 1], num_inference_steps=steps, guidance_scale=2.0, output_type="pt")
+    if pipeline_cls is TutorialImg2ImgPipeline:
+        return pipe(torch.rand(2, 3, 8, 8), strength=1.0, num_inference_steps=steps, output_type="pt")
+    if pipeline_cls is TutorialRePaintPipeline:
+        mask = torch.ones(2, 1, 8, 8)
+        mask[..., 4:] = 0
+        return pipe(
+            torch.rand(2, 3, 8, 8), mask, num_inference_steps=steps, jump_length=2, jump_n_sample=2, output_type="pt"
+        )
+    if pipeline_cls is TutorialDDIMInversionPipeline:
+        return pipe.invert(torch.rand(2, 3, 8, 8), num_inference_steps=steps)
+    return pipe(batch_size=2, num_inference_steps=steps, output_type="pt")
+
+
+SCHEDULERS = [
+    TutorialDDPMScheduler,
+    TutorialDDIMScheduler,
+    TutorialDPMSolverPlusPlusScheduler,
+    TutorialPFODEScheduler,
+    TutorialScoreSDEScheduler,
+    DDIMScheduler,
+]
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_the_unconditional_loop_reads_nothing_from_the_device_per_step(host_reads, unet_factory, scheduler_cls):
+    counts = []
+    for steps in (3, 6):
+        host_reads.clear()
+        out = _sample(TutorialUnconditionalPipeline, scheduler_cls(), steps, unet_factory)
+        assert out.images.device == META
+        counts.append(len(host_reads))
+    assert counts[0] == counts[1] <= 1, f"host reads for 3 and 6 steps: {counts}"
+
+
+@pytest.mark.parametrize(
+    "pipeline_cls",
+    [
+        TutorialClassConditionalPipeline,
+        TutorialImg2ImgPipeline,
+        TutorialDDIMInversionPipeline,
+        TutorialRePaintPipeline,
+    ],
+    ids=lambda c: c.__name__,
+)
+def test_every_sampling_loop_reads_nothing_from_the_device_per_step(host_reads, unet_factory, pipeline_cls):
+    counts = []
+    for steps in (3, 6):
+        host_reads.clear()
+        _sample(pipeline_cls, TutorialDDIMScheduler(), steps, unet_factory)
+        counts.append(len(host_reads))
+    assert counts[0] == counts[1] <= 1, f"host reads for 3 and 6 steps: {counts}"
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS[:5], ids=lambda c: c.__name__)
+def test_a_diffusers_style_loop_over_device_timesteps_reads_nothing_per_step(host_reads, unet_factory, scheduler_cls):
+    # The loop diffusers' own pipelines run: `set_timesteps(device=...)`, then `t` straight from `scheduler.timesteps`.
+    unet = unet_factory(sample_size=8).to(META)
+    counts = []
+    for steps in (3, 6):
+        host_reads.clear()
+        scheduler = scheduler_cls()
+        scheduler.set_timesteps(steps, device=META)
+        x = torch.randn(2, 3, 8, 8, device=META)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        counts.append(len(host_reads))
+    assert counts == [0, 0], f"host reads for 3 and 6 steps: {counts}"
