@@ -63,15 +63,10 @@ def sizes(quick: bool, device: str) -> dict:
         return dict(
             resolution=32, images=16, batch=4, steps=6, warmup=2, sample_batch=2, sample_steps=3, precision="no"
         )
+    from bench_utils import FOLDER_RUN
+
     return dict(
-        resolution=64,
-        images=2048,
-        batch=64,
-        steps=300,
-        warmup=50,
-        sample_batch=1024,
-        sample_steps=50,
-        precision="bf16" if device == "cuda" else "no",
+        FOLDER_RUN, warmup=50, sample_batch=1024, sample_steps=50, precision="bf16" if device == "cuda" else "no"
     )
 
 

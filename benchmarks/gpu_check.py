@@ -39,15 +39,10 @@ def sizes(quick: bool, device: str) -> dict:
         return dict(
             digits_steps=4, samples=8, sample_steps=5, resolution=32, images=32, batch=4, steps=6, precision="no"
         )
+    from bench_utils import FOLDER_RUN
+
     return dict(
-        digits_steps=300,
-        samples=512,
-        sample_steps=50,
-        resolution=64,
-        images=2048,
-        batch=64,
-        steps=300,
-        precision="bf16" if device == "cuda" else "no",
+        digits_steps=300, samples=512, sample_steps=50, **FOLDER_RUN, precision="bf16" if device == "cuda" else "no"
     )
 
 
