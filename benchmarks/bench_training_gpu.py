@@ -73,17 +73,6 @@ def sizes(quick: bool, device: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Training rows (each in a child process)
 # ----------------------------------------------------------------------------------------------------------------
-def _inputs(s: dict, work: str, quick: bool):
-    from bench_utils import DIFFUSERS_DDPM_UNET, TINY_DDPM_UNET, unet_config, write_shapes_folder
-
-    folder = write_shapes_folder(os.path.join(work, "images"), s["images"], s["resolution"])
-    config = unet_config(TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET, s["resolution"])
-    path = os.path.join(work, "unet_config.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return folder, config, path
-
-
 def flops_per_image(config: dict, resolution: int) -> float:
     """Forward + backward FLOPs of the UNet for one image, counted by `torch.utils.flop_counter` on `meta`."""
     import torch
@@ -155,10 +144,10 @@ def run_diffusers_script(script: str, folder: str, config_path: str, s: dict, ou
 
 
 def train_row(row: str, s: dict, quick: bool, diffusers_script) -> dict:
-    from bench_utils import diffusers_loop, ours_loop, steady_images_per_s, window_mean
+    from bench_utils import diffusers_loop, folder_run_inputs, ours_loop, steady_images_per_s, window_mean
 
     with tempfile.TemporaryDirectory(prefix=f"bench-gpu-{row}-") as work:
-        folder, config, path = _inputs(s, work, quick)
+        folder, config, path = folder_run_inputs(s, work, quick)
         out = os.path.join(work, "out")
         if row == "diffusers" and diffusers_script:
             result, source = run_diffusers_script(diffusers_script, folder, path, s, out), "diffusers' script"

@@ -8,9 +8,10 @@ MSE, `accelerator.accumulate`, gradient clipping at 1.0, AdamW (β1 = 0.95, weig
 script's defaults (lr 1e-4, EMA max decay 0.9999).
 """
 
+import json
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -83,6 +84,21 @@ def write_shapes_folder(folder: str, num_images: int, resolution: int, seed: int
             (draw.ellipse if rng.rand() < 0.5 else draw.rectangle)(box, fill=fill)
         image.save(os.path.join(folder, f"{i:05d}.png"))
     return folder
+
+
+def folder_run_inputs(s: Dict, work: str, quick: bool) -> Tuple[str, Dict, str]:
+    """The inputs of the folder run, written under `work`: the image folder, and diffusers' DDPM UNet config
+    (`TINY_DDPM_UNET` if `quick`) at `s["resolution"]`.
+
+    Returns:
+        `(folder, config, config_path)`.
+    """
+    folder = write_shapes_folder(os.path.join(work, "images"), s["images"], s["resolution"])
+    config = unet_config(TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET, s["resolution"])
+    path = os.path.join(work, "unet_config.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return folder, config, path
 
 
 def diffusers_loop(

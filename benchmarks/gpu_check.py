@@ -87,21 +87,10 @@ def section_digits(s: dict, work: str) -> dict:
     }
 
 
-def _folder_inputs(s: dict, work: str, quick: bool):
-    from bench_utils import DIFFUSERS_DDPM_UNET, TINY_DDPM_UNET, unet_config, write_shapes_folder
-
-    folder = write_shapes_folder(os.path.join(work, "images"), s["images"], s["resolution"])
-    config = unet_config(TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET, s["resolution"])
-    path = os.path.join(work, "unet_config.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return folder, config, path
-
-
 def section_folder(s: dict, work: str, quick: bool, which: str) -> dict:
-    from bench_utils import diffusers_loop, ours_loop, window_mean
+    from bench_utils import diffusers_loop, folder_run_inputs, ours_loop, window_mean
 
-    folder, config, path = _folder_inputs(s, work, quick)
+    folder, config, path = folder_run_inputs(s, work, quick)
     if which == "ours":
         extra = ["--mixed_precision", s["precision"]]
         result = ours_loop(folder, path, s["steps"], s["batch"], extra, os.path.join(work, "ours"))
