@@ -34,7 +34,6 @@ skips the compiled rows (compiling on a CPU takes minutes); with `--device cpu` 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -247,19 +246,13 @@ def child(row: str, quick: bool, device: str, diffusers_script) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_child(row: str, args) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    if args.device == "cpu":
-        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--device", args.device]
-    cmd += ["--quick"] if args.quick else []
-    cmd += ["--diffusers_script", args.diffusers_script] if args.diffusers_script else []
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        return {"error": res.stderr[-4000:], "seconds_total": time.perf_counter() - t0}
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return {**json.loads(line[len("RESULT ") :]), "seconds_total": time.perf_counter() - t0}
+def run_row(row: str, args) -> dict:
+    from bench_utils import run_child
+
+    argv = ["--child", row, "--device", args.device]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--diffusers_script", args.diffusers_script] if args.diffusers_script else []
+    return run_child(os.path.abspath(__file__), argv, args.device)
 
 
 def peak_tflops(device: str, given) -> tuple:
@@ -324,10 +317,10 @@ def main(argv=None) -> dict:
         rows = ["diffusers", "ours"] + ([] if args.quick else ["ours+compile"])
         rows += list(ABLATION_ROWS) if args.ablations else []
         for row in rows:
-            report["train"][row] = run_child(row, args)
+            report["train"][row] = run_row(row, args)
             print(f"[train {row}] done in {report['train'][row]['seconds_total']:.0f} s", flush=True)
     if "sample" in args.sections:
-        report["sample"] = run_child("sample", args)
+        report["sample"] = run_row("sample", args)
         print(f"[sample] done in {report['sample']['seconds_total']:.0f} s", flush=True)
 
     peak, peak_source = peak_tflops(args.device, args.peak_tflops)

@@ -10,11 +10,15 @@ script's defaults (lr 1e-4, EMA max decay 0.9999).
 
 import json
 import os
+import subprocess
+import sys
 import time
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # diffusers' train_unconditional.py builds this UNet when no --model_config_name_or_path is given (113.7 M parameters
 # at 64x64 RGB).
@@ -84,6 +88,25 @@ def write_shapes_folder(folder: str, num_images: int, resolution: int, seed: int
             (draw.ellipse if rng.rand() < 0.5 else draw.rectangle)(box, fill=fill)
         image.save(os.path.join(folder, f"{i:05d}.png"))
     return folder
+
+
+def run_child(script: str, child_argv: List[str], device: str) -> Dict:
+    """Run `python script *child_argv` in a fresh process (a fresh CUDA context and a clean peak-memory count; no GPU
+    visible when `device` is `"cpu"`), offline, from the repository root.
+
+    Returns:
+        The dict the child printed on its last `RESULT <json>` line, or `{"error": <end of its stderr>}` if it
+        failed; both with `seconds_total`, the wall time of the process.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, script, *child_argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr[-4000:], "seconds_total": time.perf_counter() - t0}
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return {**json.loads(line[len("RESULT ") :]), "seconds_total": time.perf_counter() - t0}
 
 
 def folder_run_inputs(s: Dict, work: str, quick: bool) -> Tuple[str, Dict, str]:

@@ -22,7 +22,6 @@ with `--device cpu` the subprocesses see no GPU.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,17 +160,10 @@ def child(section: str, quick: bool, device: str) -> None:
 # The parent: one subprocess per section, then the table
 # ----------------------------------------------------------------------------------------------------------------
 def run_section(section: str, quick: bool, device: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    if device == "cpu":
-        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", section, "--device", device]
-    cmd += ["--quick"] if quick else []
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        return {"error": res.stderr[-4000:], "seconds_total": time.perf_counter() - t0}
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return {**json.loads(line[len("RESULT ") :]), "seconds_total": time.perf_counter() - t0}
+    from bench_utils import run_child
+
+    argv = ["--child", section, "--device", device] + (["--quick"] if quick else [])
+    return run_child(os.path.abspath(__file__), argv, device)
 
 
 def fmt(value) -> str:
