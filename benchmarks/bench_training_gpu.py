@@ -34,7 +34,6 @@ skips the compiled rows (compiling on a CPU takes minutes); with `--device cpu` 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,32 +62,16 @@ def sizes(quick: bool, device: str) -> dict:
         return dict(
             resolution=32, images=16, batch=4, steps=6, warmup=2, sample_batch=2, sample_steps=3, precision="no"
         )
+    from bench_utils import FOLDER_RUN
+
     return dict(
-        resolution=64,
-        images=2048,
-        batch=64,
-        steps=300,
-        warmup=50,
-        sample_batch=1024,
-        sample_steps=50,
-        precision="bf16" if device == "cuda" else "no",
+        FOLDER_RUN, warmup=50, sample_batch=1024, sample_steps=50, precision="bf16" if device == "cuda" else "no"
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training rows (each in a child process)
 # ----------------------------------------------------------------------------------------------------------------
-def _inputs(s: dict, work: str, quick: bool):
-    from bench_utils import DIFFUSERS_DDPM_UNET, TINY_DDPM_UNET, unet_config, write_shapes_folder
-
-    folder = write_shapes_folder(os.path.join(work, "images"), s["images"], s["resolution"])
-    config = unet_config(TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET, s["resolution"])
-    path = os.path.join(work, "unet_config.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return folder, config, path
-
-
 def flops_per_image(config: dict, resolution: int) -> float:
     """Forward + backward FLOPs of the UNet for one image, counted by `torch.utils.flop_counter` on `meta`."""
     import torch
@@ -160,10 +143,10 @@ def run_diffusers_script(script: str, folder: str, config_path: str, s: dict, ou
 
 
 def train_row(row: str, s: dict, quick: bool, diffusers_script) -> dict:
-    from bench_utils import diffusers_loop, ours_loop, steady_images_per_s, window_mean
+    from bench_utils import diffusers_loop, folder_run_inputs, ours_loop, steady_images_per_s, window_mean
 
     with tempfile.TemporaryDirectory(prefix=f"bench-gpu-{row}-") as work:
-        folder, config, path = _inputs(s, work, quick)
+        folder, config, path = folder_run_inputs(s, work, quick)
         out = os.path.join(work, "out")
         if row == "diffusers" and diffusers_script:
             result, source = run_diffusers_script(diffusers_script, folder, path, s, out), "diffusers' script"
@@ -263,19 +246,13 @@ def child(row: str, quick: bool, device: str, diffusers_script) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_child(row: str, args) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    if args.device == "cpu":
-        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--device", args.device]
-    cmd += ["--quick"] if args.quick else []
-    cmd += ["--diffusers_script", args.diffusers_script] if args.diffusers_script else []
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        return {"error": res.stderr[-4000:], "seconds_total": time.perf_counter() - t0}
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return {**json.loads(line[len("RESULT ") :]), "seconds_total": time.perf_counter() - t0}
+def run_row(row: str, args) -> dict:
+    from bench_utils import run_child
+
+    argv = ["--child", row, "--device", args.device]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--diffusers_script", args.diffusers_script] if args.diffusers_script else []
+    return run_child(os.path.abspath(__file__), argv, args.device)
 
 
 def peak_tflops(device: str, given) -> tuple:
@@ -340,10 +317,10 @@ def main(argv=None) -> dict:
         rows = ["diffusers", "ours"] + ([] if args.quick else ["ours+compile"])
         rows += list(ABLATION_ROWS) if args.ablations else []
         for row in rows:
-            report["train"][row] = run_child(row, args)
+            report["train"][row] = run_row(row, args)
             print(f"[train {row}] done in {report['train'][row]['seconds_total']:.0f} s", flush=True)
     if "sample" in args.sections:
-        report["sample"] = run_child("sample", args)
+        report["sample"] = run_row("sample", args)
         print(f"[sample] done in {report['sample']['seconds_total']:.0f} s", flush=True)
 
     peak, peak_source = peak_tflops(args.device, args.peak_tflops)

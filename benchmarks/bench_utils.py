@@ -8,12 +8,17 @@ MSE, `accelerator.accumulate`, gradient clipping at 1.0, AdamW (β1 = 0.95, weig
 script's defaults (lr 1e-4, EMA max decay 0.9999).
 """
 
+import json
 import os
+import subprocess
+import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # diffusers' train_unconditional.py builds this UNet when no --model_config_name_or_path is given (113.7 M parameters
 # at 64x64 RGB).
@@ -37,6 +42,9 @@ TINY_DDPM_UNET = {
     "block_out_channels": [8, 8, 16, 16, 32, 32],
     "norm_num_groups": 8,
 }
+# The folder run both GPU benchmarks time (gpu_check.py, bench_training_gpu.py), with diffusers' batch size for this UNet:
+# 2,048 generated 64x64 images, batch 64, 300 updates.
+FOLDER_RUN = dict(resolution=64, images=2048, batch=64, steps=300)
 # A mid-size UNet for 32x32 on a CPU: 4 levels, attention at 8x8, ~9 M parameters.
 MID_UNET = {
     "layers_per_block": 1,
@@ -80,6 +88,40 @@ def write_shapes_folder(folder: str, num_images: int, resolution: int, seed: int
             (draw.ellipse if rng.rand() < 0.5 else draw.rectangle)(box, fill=fill)
         image.save(os.path.join(folder, f"{i:05d}.png"))
     return folder
+
+
+def run_child(script: str, child_argv: List[str], device: str) -> Dict:
+    """Run `python script *child_argv` in a fresh process (a fresh CUDA context and a clean peak-memory count; no GPU
+    visible when `device` is `"cpu"`), offline, from the repository root.
+
+    Returns:
+        The dict the child printed on its last `RESULT <json>` line, or `{"error": <end of its stderr>}` if it
+        failed; both with `seconds_total`, the wall time of the process.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, script, *child_argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr[-4000:], "seconds_total": time.perf_counter() - t0}
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return {**json.loads(line[len("RESULT ") :]), "seconds_total": time.perf_counter() - t0}
+
+
+def folder_run_inputs(s: Dict, work: str, quick: bool) -> Tuple[str, Dict, str]:
+    """The inputs of the folder run, written under `work`: the image folder, and diffusers' DDPM UNet config
+    (`TINY_DDPM_UNET` if `quick`) at `s["resolution"]`.
+
+    Returns:
+        `(folder, config, config_path)`.
+    """
+    folder = write_shapes_folder(os.path.join(work, "images"), s["images"], s["resolution"])
+    config = unet_config(TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET, s["resolution"])
+    path = os.path.join(work, "unet_config.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return folder, config, path
 
 
 def diffusers_loop(

@@ -22,7 +22,6 @@ with `--device cpu` the subprocesses see no GPU.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +38,10 @@ def sizes(quick: bool, device: str) -> dict:
         return dict(
             digits_steps=4, samples=8, sample_steps=5, resolution=32, images=32, batch=4, steps=6, precision="no"
         )
+    from bench_utils import FOLDER_RUN
+
     return dict(
-        digits_steps=300,
-        samples=512,
-        sample_steps=50,
-        resolution=64,
-        images=2048,
-        batch=64,
-        steps=300,
-        precision="bf16" if device == "cuda" else "no",
+        digits_steps=300, samples=512, sample_steps=50, **FOLDER_RUN, precision="bf16" if device == "cuda" else "no"
     )
 
 
@@ -92,21 +86,10 @@ def section_digits(s: dict, work: str) -> dict:
     }
 
 
-def _folder_inputs(s: dict, work: str, quick: bool):
-    from bench_utils import DIFFUSERS_DDPM_UNET, TINY_DDPM_UNET, unet_config, write_shapes_folder
-
-    folder = write_shapes_folder(os.path.join(work, "images"), s["images"], s["resolution"])
-    config = unet_config(TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET, s["resolution"])
-    path = os.path.join(work, "unet_config.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return folder, config, path
-
-
 def section_folder(s: dict, work: str, quick: bool, which: str) -> dict:
-    from bench_utils import diffusers_loop, ours_loop, window_mean
+    from bench_utils import diffusers_loop, folder_run_inputs, ours_loop, window_mean
 
-    folder, config, path = _folder_inputs(s, work, quick)
+    folder, config, path = folder_run_inputs(s, work, quick)
     if which == "ours":
         extra = ["--mixed_precision", s["precision"]]
         result = ours_loop(folder, path, s["steps"], s["batch"], extra, os.path.join(work, "ours"))
@@ -177,17 +160,10 @@ def child(section: str, quick: bool, device: str) -> None:
 # The parent: one subprocess per section, then the table
 # ----------------------------------------------------------------------------------------------------------------
 def run_section(section: str, quick: bool, device: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    if device == "cpu":
-        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", section, "--device", device]
-    cmd += ["--quick"] if quick else []
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        return {"error": res.stderr[-4000:], "seconds_total": time.perf_counter() - t0}
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return {**json.loads(line[len("RESULT ") :]), "seconds_total": time.perf_counter() - t0}
+    from bench_utils import run_child
+
+    argv = ["--child", section, "--device", device] + (["--quick"] if quick else [])
+    return run_child(os.path.abspath(__file__), argv, device)
 
 
 def fmt(value) -> str:

@@ -11,7 +11,7 @@ This file is shipped inside saved pipeline folders: it imports only torch, diffu
 """
 
 import math
-from typing import List, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -121,6 +121,30 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
         table = table if table is not None else self.scheduler.alphas_cumprod
         return float(table[t])
 
+    def _timesteps_by_level(self, num_inference_steps: int, device) -> Tuple[List[int], List[Optional[torch.Tensor]]]:
+        """Set the grid t_1 > ... > t_N and index it by level: level n holds x at t_{N-n+1}, level 0 is x_0 (t = -1).
+
+        Args:
+            num_inference_steps (`int`): N.
+            device (`torch.device`): where the UNet and `add_noise` read the timesteps.
+
+        Returns:
+            `(timesteps, timesteps_on_device)`: level n's timestep as an int, and as a shape-(1,) view of the grid
+            copied once to `device` (None at level 0).
+        """
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
+        grid = [int(t) for t in self.scheduler.timesteps]
+        grid_on_device = self.scheduler.timesteps.to(device)
+        if len(grid) != num_inference_steps:
+            raise ValueError(
+                f"scheduler={type(self.scheduler).__name__} made {len(grid)} timesteps for N = "
+                f"{num_inference_steps}; RePaint needs one per step."
+            )
+        N = num_inference_steps
+        timesteps = [-1] + [grid[N - level] for level in range(1, N + 1)]
+        timesteps_on_device = [None] + [grid_on_device[N - level : N - level + 1] for level in range(1, N + 1)]
+        return timesteps, timesteps_on_device
+
     @torch.no_grad()
     def __call__(
         self,
@@ -165,39 +189,25 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
         batch_size = x0.shape[0]
         self.check_generator(generator, batch_size)
 
-        # 1. Grid t_1 > ... > t_N; level n holds x at t_{N-n+1}, level 0 is x_0.
+        # 1. Grid t_1 > ... > t_N, indexed by level.
         device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps)  # on the host (see TutorialUnconditionalPipeline)
-        grid = [int(t) for t in self.scheduler.timesteps]
-        grid_on_device = self.scheduler.timesteps.to(device)  # what the UNet and add_noise read: copied once
-        if len(grid) != num_inference_steps:
-            raise ValueError(
-                f"scheduler={type(self.scheduler).__name__} made {len(grid)} timesteps for N = "
-                f"{num_inference_steps}; RePaint needs one per step."
-            )
-        n_steps = len(grid)
-
-        def timestep_of_level(level: int) -> int:
-            return grid[n_steps - level] if level > 0 else -1
-
-        def timestep_on_device(level: int) -> torch.Tensor:  # level > 0; shape (1,)
-            return grid_on_device[n_steps - level : n_steps - level + 1]
+        timesteps, timesteps_on_device = self._timesteps_by_level(num_inference_steps, device)
 
         def noise():
             return randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
 
         step_kwargs = self.scheduler_step_kwargs(eta=eta, generator=generator)
-        levels = repaint_levels(n_steps, jump_length, jump_n_sample)
+        levels = repaint_levels(num_inference_steps, jump_length, jump_n_sample)
         x = noise()  # x at level N, σ_init = 1 (variance-preserving)
 
         # 2. Walk the levels: down = reverse step joined with q(x_t | x_0) on the known region; up = re-noise.
         for i, (level, next_level) in enumerate(self.progress_bar(list(zip(levels[:-1], levels[1:])))):
-            t, t_next = timestep_of_level(level), timestep_of_level(next_level)
+            t, t_next = timesteps[level], timesteps[next_level]
             if next_level < level:
-                model_output = self.unet(self.scheduler.scale_model_input(x, t), timestep_on_device(level)).sample
+                model_output = self.unet(self.scheduler.scale_model_input(x, t), timesteps_on_device[level]).sample
                 x_unknown = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample  # eq. (9)
                 if t_next >= 0:  # eq. (8): known pixels from q(x_{t'} | x_0)
-                    x_known = self.scheduler.add_noise(x0, noise(), timestep_on_device(next_level))
+                    x_known = self.scheduler.add_noise(x0, noise(), timesteps_on_device[next_level])
                 else:
                     x_known = x0  # ᾱ = 1: the input itself
                 x = mask * x_known + (1 - mask) * x_unknown  # eq. (10)

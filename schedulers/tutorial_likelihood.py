@@ -316,48 +316,71 @@ def ode_log_likelihood(
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = (k + u) / 128.0 - 1.0
         offset_bits = math.log2(128.0)
+    probes = None
     if trace == "hutchinson":
-        size = (num_probes,) + tuple(x.shape)
-        if probe == "rademacher":
-            probes = torch.randint(0, 2, size, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-        else:
-            probes = torch.randn(size, generator=generator, dtype=x.dtype, device=x.device)
+        probes = _draw_probes(probe, (num_probes,) + tuple(x.shape), x, generator)
+    field = _augmented_field(pf_ode_field(model, alpha_bar, prediction_type, return_eps=True), x.shape, probes)
 
-    def trace_of_jacobian(eps: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
-        """tr(∂ε̂/∂x) per sample: D vector-Jacobian products (exact), or Hutchinson's E[vᵀ (∂ε̂/∂x) v]."""
-        tr = torch.zeros(B, dtype=x.dtype, device=x.device)
-        if trace == "exact":
-            flat = eps.reshape(B, -1)
-            for d in range(D):
-                grad = torch.autograd.grad(flat[:, d].sum(), x_in, retain_graph=d < D - 1)[0]
-                tr = tr + grad.reshape(B, -1)[:, d]
-            return tr
-        for p in range(num_probes):
-            v = probes[p]
-            vjp = torch.autograd.grad(eps, x_in, v, retain_graph=p < num_probes - 1)[0]
-            tr = tr + (vjp * v).reshape(B, -1).sum(1) / num_probes
-        return tr
-
-    drift_and_eps = pf_ode_field(model, alpha_bar, prediction_type, return_eps=True)
-
-    def field(half_log_snr: float, state: torch.Tensor) -> torch.Tensor:
-        """The augmented ODE in λ: (dx/dλ = f, d(∫ tr ∂f/∂x)/dλ) for the state (x, running integral)."""
-        with torch.enable_grad():
-            x_in = state[:, :D].reshape(x.shape).detach().requires_grad_(True)
-            drift, eps = drift_and_eps(half_log_snr, x_in)
-            tr = trace_of_jacobian(eps, x_in)
-        sigma2 = 1.0 - tm.alpha_bar_from_log_snr(2 * half_log_snr)
-        divergence = D * sigma2 - math.sqrt(sigma2) * tr  # tr(∂f/∂x) = D σ² - σ tr(∂ε̂/∂x)
-        return torch.cat([drift.detach().reshape(B, -1), divergence[:, None]], dim=1)
-
+    # Integrate (x, ∫ tr ∂f/∂x) from λ(t_start) to λ(T-1).
     start = float(tm.half_log_snr_at(float(t_start), half_log_snr_table))
     end = float(half_log_snr_table[-1])
-
     state0 = torch.cat([x.reshape(B, -1), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
     describe = describe_position(half_log_snr_table)
     solution = dormand_prince(field, state0, start, end, rtol, atol, max_evals, describe)
+
+    # log p_{t_start}(x) = log N(x_{T-1}; 0, I) + ∫ tr(∂f/∂x) dλ.
     x_T, integral = solution.sample[:, :D], solution.sample[:, D]
     prior = -0.5 * (x_T.pow(2).sum(1) + D * math.log(2 * math.pi))
     log_prob = prior + integral
     bpd = -log_prob / (D * math.log(2)) + offset_bits
     return ODELikelihood(log_prob, bpd, prior, solution.num_evals)
+
+
+def _draw_probes(probe: str, size: Tuple[int, ...], like: torch.Tensor, generator) -> torch.Tensor:
+    """Hutchinson's probes v, fixed for the whole solve: ±1 (Rademacher) or N(0, I), in `like`'s dtype and device."""
+    if probe == "rademacher":
+        return torch.randint(0, 2, size, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+    return torch.randn(size, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def _trace_of_jacobian(eps: torch.Tensor, x_in: torch.Tensor, probes: Optional[torch.Tensor]) -> torch.Tensor:
+    """tr(∂ε̂/∂x) per sample: D vector-Jacobian products (exact, `probes` None), or Hutchinson's E[vᵀ (∂ε̂/∂x) v]."""
+    B, D = x_in.shape[0], x_in[0].numel()
+    tr = torch.zeros(B, dtype=x_in.dtype, device=x_in.device)
+    if probes is None:
+        flat = eps.reshape(B, -1)
+        for d in range(D):
+            grad = torch.autograd.grad(flat[:, d].sum(), x_in, retain_graph=d < D - 1)[0]
+            tr = tr + grad.reshape(B, -1)[:, d]
+        return tr
+    num_probes = probes.shape[0]
+    for p in range(num_probes):
+        v = probes[p]
+        vjp = torch.autograd.grad(eps, x_in, v, retain_graph=p < num_probes - 1)[0]
+        tr = tr + (vjp * v).reshape(B, -1).sum(1) / num_probes
+    return tr
+
+
+def _augmented_field(drift_and_eps: Callable, shape: torch.Size, probes: Optional[torch.Tensor]) -> Callable:
+    """The augmented ODE in λ for the state (x, running integral), flattened to (B, D + 1).
+
+    Args:
+        drift_and_eps (`Callable`): `pf_ode_field(..., return_eps=True)`, giving (f, ε̂) at (λ, x).
+        shape (`torch.Size`): the shape of x, (B, ...).
+        probes (`torch.Tensor`, *optional*): Hutchinson's probes; None for the exact trace.
+
+    Returns:
+        `field(half_log_snr, state)` -> (dx/dλ = f, d(∫ tr ∂f/∂x)/dλ), shape (B, D + 1).
+    """
+    B, D = shape[0], math.prod(shape[1:])
+
+    def field(half_log_snr: float, state: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x_in = state[:, :D].reshape(shape).detach().requires_grad_(True)
+            drift, eps = drift_and_eps(half_log_snr, x_in)
+            tr = _trace_of_jacobian(eps, x_in, probes)
+        sigma2 = 1.0 - tm.alpha_bar_from_log_snr(2 * half_log_snr)
+        divergence = D * sigma2 - math.sqrt(sigma2) * tr  # tr(∂f/∂x) = D σ² - σ tr(∂ε̂/∂x)
+        return torch.cat([drift.detach().reshape(B, -1), divergence[:, None]], dim=1)
+
+    return field

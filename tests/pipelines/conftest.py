@@ -12,6 +12,14 @@ import textwrap
 import pytest
 from diffusers import UNet2DModel
 
+from schedulers import (
+    TutorialDDIMScheduler,
+    TutorialDDPMScheduler,
+    TutorialDPMSolverPlusPlusScheduler,
+    TutorialPFODEScheduler,
+    TutorialScoreSDEScheduler,
+)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Prepended to fresh-process scripts that must run with only diffusers importable: our packages are installed in
@@ -80,6 +88,21 @@ class FreshPython:
 def run_fresh_python(script: str, tmp_path, block_our_packages: bool = False, extra_env=None) -> dict:
     """Run `script` in a fresh interpreter and return what it reported (see `FreshPython`)."""
     return FreshPython(script, tmp_path, block_our_packages, extra_env).result()
+
+
+@pytest.fixture(
+    params=[
+        TutorialDDPMScheduler,
+        TutorialDDIMScheduler,
+        TutorialDPMSolverPlusPlusScheduler,
+        TutorialPFODEScheduler,
+        TutorialScoreSDEScheduler,
+    ],
+    ids=lambda c: c.__name__,
+)
+def our_scheduler_cls(request):
+    """Each scheduler class of ours in turn."""
+    return request.param
 
 
 @pytest.fixture

@@ -29,6 +29,17 @@ def ring_problem(num_points=64):
     return gm, gm.means[modes] * 1.25, modes
 
 
+def seeded(pipe, image, strength: float, num_inference_steps: int):
+    """The pipeline's output as tensors, generator seeded with 0."""
+    return pipe(
+        image,
+        strength=strength,
+        num_inference_steps=num_inference_steps,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 @pytest.mark.parametrize("cls", [TutorialDDIMScheduler, TutorialDPMSolverPlusPlusScheduler])
 def test_strength_trades_faithfulness_for_realism_with_the_exact_model(cls):
     """SDEdit Sec. 3 with a perfect model of the data: as s grows the output moves away from the input and forgets
@@ -40,13 +51,7 @@ def test_strength_trades_faithfulness_for_realism_with_the_exact_model(cls):
     image = ((x_in + 1) / 2).reshape(-1, 2, 1, 1)
     moved, kept = [], []
     for strength in (0.05, 0.2, 0.4, 1.0):
-        out = pipe(
-            image,
-            strength=strength,
-            num_inference_steps=40,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        )
+        out = seeded(pipe, image, strength, num_inference_steps=40)
         x = (2 * out.images - 1).reshape(-1, 2).double()
         moved.append(float((x - x_in).norm(dim=1).mean()))
         kept.append(float((torch.cdist(x, gm.means).argmin(dim=1) == modes).double().mean()))
@@ -77,13 +82,7 @@ def test_any_scheduler_starts_part_way(tiny_unet, name, strength):
     hook = tiny_unet.register_forward_hook(lambda module, args, out: calls.append(float(args[1])))
     try:
         image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-        out = pipe(
-            image,
-            strength=strength,
-            num_inference_steps=10,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        )
+        out = seeded(pipe, image, strength, num_inference_steps=10)
     finally:
         hook.remove()
     assert out.images.shape == (2, 3, 8, 8) and bool(torch.isfinite(out.images).all())
@@ -98,9 +97,7 @@ def test_the_loop_is_add_noise_then_the_schedulers_steps(tiny_unet):
     pipe = TutorialImg2ImgPipeline(unet=tiny_unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    got = pipe(
-        image, strength=0.45, num_inference_steps=20, output_type="pt", generator=torch.Generator().manual_seed(0)
-    )
+    got = seeded(pipe, image, 0.45, num_inference_steps=20)
 
     g = torch.Generator().manual_seed(0)
     scheduler.set_timesteps(20)

@@ -35,20 +35,25 @@ def test_levels_are_repaints_jump_schedule(n, jump_length, jump_n_sample):
     assert levels[0] == n and levels[-1] == 0 and all(abs(a - b) == 1 for a, b in zip(levels, levels[1:]))
 
 
+def inpaint(pipe, image, mask, num_inference_steps: int, jump_n_sample: int) -> torch.Tensor:
+    """The pipeline's images as a tensor, jump_length 2, generator seeded with 0."""
+    return pipe(
+        image,
+        mask,
+        num_inference_steps=num_inference_steps,
+        jump_length=2,
+        jump_n_sample=jump_n_sample,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
 def test_known_region_is_the_input_and_unknown_is_generated(pipe, tiny_unet, image_and_mask):
     image, mask = image_and_mask
     calls = []
     handle = tiny_unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        out = pipe(
-            image,
-            mask,
-            num_inference_steps=6,
-            jump_length=2,
-            jump_n_sample=2,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
+        out = inpaint(pipe, image, mask, num_inference_steps=6, jump_n_sample=2)
     finally:
         handle.remove()
     torch.testing.assert_close(out[..., :4], image[..., :4], atol=1e-6, rtol=0)
@@ -60,15 +65,7 @@ def test_known_region_is_the_input_and_unknown_is_generated(pipe, tiny_unet, ima
 def test_without_resampling_matches_hand_written_eqs_8_to_10(pipe, tiny_unet, image_and_mask):
     """x_{t'} = m ⊙ q(x_{t'} | x_0) + (1 - m) ⊙ p_θ(x_{t'} | x_t), with the generator's draws in the same order."""
     image, mask = image_and_mask
-    out = pipe(
-        image,
-        mask,
-        num_inference_steps=4,
-        jump_length=2,
-        jump_n_sample=1,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    out = inpaint(pipe, image, mask, num_inference_steps=4, jump_n_sample=1)
 
     sched = TutorialDDPMScheduler()
     sched.set_timesteps(4)

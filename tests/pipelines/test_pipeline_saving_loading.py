@@ -336,13 +336,8 @@ def fresh_results(folders, tmp_path_factory, start_fresh_python):
     return {key: proc.result() for key, proc in running.items()}
 
 
-@pytest.fixture(scope="module")
-def only_diffusers_result(fresh_results):
-    return fresh_results["only_diffusers"]
-
-
-def test_a_remote_code_loads_and_reproduces_images_without_our_packages(only_diffusers_result):
-    res = only_diffusers_result
+def test_a_remote_code_loads_and_reproduces_images_without_our_packages(fresh_results):
+    res = fresh_results["only_diffusers"]
     assert res["our_modules_imported"] == []
     for name in ("ours_ddim", "ours_ddpm"):
         assert (
@@ -364,8 +359,8 @@ def test_a_remote_code_loads_and_reproduces_images_without_our_packages(only_dif
         assert res[name]["max_diff"] == 0.0
 
 
-def test_e_without_trust_remote_code_fails_with_diffusers_message(only_diffusers_result):
-    msg = only_diffusers_result["e"]
+def test_e_without_trust_remote_code_fails_with_diffusers_message(fresh_results):
+    msg = fresh_results["only_diffusers"]["e"]
     assert "contains custom code in pipeline_tutorial_unconditional.py" in msg
     assert "Pass `trust_remote_code=True`" in msg
 
@@ -423,21 +418,16 @@ print("RESULT:" + json.dumps(res))
 """
 
 
-@pytest.fixture(scope="module")
-def with_package_result(fresh_results):
-    return fresh_results["with_package"]
-
-
-def test_b_our_class_loads_the_folder_without_remote_code(with_package_result):
-    res = with_package_result
+def test_b_our_class_loads_the_folder_without_remote_code(fresh_results):
+    res = fresh_results["with_package"]
     assert res["remote_modules_imported"] == []
     assert res["b"]["pipeline"] == "custom_pipelines.pipeline_tutorial_unconditional.TutorialUnconditionalPipeline"
     assert res["b"]["scheduler"] == "schedulers.scheduling_tutorial_ddim.TutorialDDIMScheduler"
     assert res["b"]["max_diff"] == 0.0
 
 
-def test_c_schedulers_swap_both_ways_with_from_config(with_package_result):
-    c = with_package_result["c"]
+def test_c_schedulers_swap_both_ways_with_from_config(fresh_results):
+    c = fresh_results["with_package"]["c"]
     assert c["ours_vs_diffusers"] < 1e-5  # same DDIM, same numbers
     assert c["euler_finite"] and c["euler_vs_ddim"] > 1e-3  # Euler really ran
     assert c["diffusers_loaded"] == "diffusers.schedulers.scheduling_ddim.DDIMScheduler"
@@ -445,8 +435,8 @@ def test_c_schedulers_swap_both_ways_with_from_config(with_package_result):
     assert c["back_vs_ours"] < 1e-5
 
 
-def test_b_other_scheduler_loads_without_remote_code(with_package_result):
-    res = with_package_result["pf_ode"]
+def test_b_other_scheduler_loads_without_remote_code(fresh_results):
+    res = fresh_results["with_package"]["pf_ode"]
     assert res["scheduler"] == "schedulers.scheduling_tutorial_pf_ode.TutorialPFODEScheduler"
     assert res["max_diff"] == 0.0
 
@@ -470,8 +460,8 @@ def test_scheduler_module_not_yet_imported_is_found_by_its_file_name(tmp_path, m
         tutorial_pipeline_loading.find_class("NoSuchScheduler", "scheduler", "scheduling_nothing_here")
 
 
-def test_d_ddpm_hub_layout_loads_with_our_schedulers(with_package_result):
-    d = with_package_result["d"]
+def test_d_ddpm_hub_layout_loads_with_our_schedulers(fresh_results):
+    d = fresh_results["with_package"]["d"]
     assert d["scheduler"] == "schedulers.scheduling_tutorial_ddpm.TutorialDDPMScheduler"
     assert d["vs_ddpm_pipeline"] < 1e-5  # our pipeline + our DDPM reproduce diffusers' DDPMPipeline on its own folder
     assert d["default_scheduler"] == "diffusers.schedulers.scheduling_ddpm.DDPMScheduler"

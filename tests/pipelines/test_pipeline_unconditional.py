@@ -92,18 +92,23 @@ def test_heun_matches_hand_written_karras_heun(tiny_unet):
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
 
 
+def _ours_and_hand_steps(unet, scheduler_cls):
+    """Our pipeline's final sample with `scheduler_cls(clip_sample=False)`, and the steps (t, ᾱ_t, ᾱ_{t'}) of the same
+    grid for a hand-written loop (ᾱ = 1 after the last step)."""
+    sched = scheduler_cls(clip_sample=False)
+    ours, _ = _final_sample(_pipe(unet, scheduler_cls.from_config(sched.config)))
+    sched.set_timesteps(STEPS)
+    ab, grid = sched.alpha_bar, sched.timesteps.tolist()
+    steps = [(t, float(ab[t]), float(ab[t_prev]) if t_prev >= 0 else 1.0) for t, t_prev in zip(grid, grid[1:] + [-1])]
+    return ours, steps
+
+
 def test_tutorial_ddim_matches_hand_written_ddim(tiny_unet):
     """DDIM eq. (12) with η = 0: x_{t'} = √ᾱ_{t'} x̂_0 + √(1-ᾱ_{t'}) ε̂, x̂_0 = (x_t - √(1-ᾱ_t) ε̂)/√ᾱ_t."""
-    sched = TutorialDDIMScheduler(clip_sample=False)
-    ours, _ = _final_sample(_pipe(tiny_unet, TutorialDDIMScheduler.from_config(sched.config)))
-
-    sched.set_timesteps(STEPS)
-    ab = sched.alpha_bar
+    ours, steps = _ours_and_hand_steps(tiny_unet, TutorialDDIMScheduler)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED))
-    grid = sched.timesteps.tolist()
     with torch.no_grad():
-        for t, t_prev in zip(grid, grid[1:] + [-1]):
-            a, a_prev = float(ab[t]), (float(ab[t_prev]) if t_prev >= 0 else 1.0)
+        for t, a, a_prev in steps:
             e = tiny_unet(x, t).sample
             x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * e
@@ -112,17 +117,11 @@ def test_tutorial_ddim_matches_hand_written_ddim(tiny_unet):
 
 def test_tutorial_ddpm_matches_hand_written_ancestral_sampling(tiny_unet):
     """DDPM Algorithm 2 on a respaced grid: x_{t'} = μ̃(x_t, x̂_0) + √β̃ z, z drawn from the same generator."""
-    sched = TutorialDDPMScheduler(clip_sample=False)
-    ours, _ = _final_sample(_pipe(tiny_unet, TutorialDDPMScheduler.from_config(sched.config)))
-
-    sched.set_timesteps(STEPS)
-    ab = sched.alpha_bar
+    ours, steps = _ours_and_hand_steps(tiny_unet, TutorialDDPMScheduler)
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(SHAPE, generator=g)
-    grid = sched.timesteps.tolist()
     with torch.no_grad():
-        for t, t_prev in zip(grid, grid[1:] + [-1]):
-            a, a_prev = float(ab[t]), (float(ab[t_prev]) if t_prev >= 0 else 1.0)
+        for t, a, a_prev in steps:
             beta = 1 - a / a_prev
             x0 = (x - math.sqrt(1 - a) * tiny_unet(x, t).sample) / math.sqrt(a)
             mean = (

@@ -27,6 +27,8 @@ from schedulers import (
 )
 from schedulers import tutorial_math as tm
 
+from .conftest import SHARED_CONFIG
+
 OUR_SCHEDULERS = [
     TutorialDDPMScheduler,
     TutorialDDIMScheduler,
@@ -35,19 +37,6 @@ OUR_SCHEDULERS = [
     TutorialScoreSDEScheduler,
 ]
 DIFFUSERS_CONFIGS = [DDPMScheduler, DDIMScheduler]
-# Keys every one of our schedulers shares with diffusers' DDPM/DDIM, with values other than the defaults.
-SHARED_CONFIG = dict(
-    num_train_timesteps=500,
-    beta_start=0.0002,
-    beta_end=0.03,
-    beta_schedule="scaled_linear",
-    prediction_type="v_prediction",
-    thresholding=True,
-    dynamic_thresholding_ratio=0.9,
-    sample_max_value=3.0,
-    timestep_spacing="trailing",
-    steps_offset=0,
-)
 # A second, stochastic flavour where a scheduler has one (the SDE with its Langevin corrector: order 2).
 VARIANTS = {TutorialScoreSDEScheduler: dict(corrector="langevin", sde_type="ve")}
 

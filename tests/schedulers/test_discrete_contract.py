@@ -9,23 +9,12 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 
+from .conftest import SHARED_CONFIG
+
 OUR_SCHEDULERS = [TutorialDDPMScheduler, TutorialDDIMScheduler]
 DIFFUSERS_COUNTERPARTS = [DDPMScheduler, DDIMScheduler]
-SHARED_CONFIG = dict(
-    num_train_timesteps=500,
-    beta_start=0.0002,
-    beta_end=0.03,
-    beta_schedule="scaled_linear",
-    prediction_type="v_prediction",
-    clip_sample=False,
-    thresholding=True,
-    dynamic_thresholding_ratio=0.9,
-    clip_sample_range=2.0,
-    sample_max_value=3.0,
-    timestep_spacing="trailing",
-    steps_offset=0,
-    rescale_betas_zero_snr=True,
-)
+# The contract's shared keys and those only the discrete schedulers have, all with values other than the defaults.
+DISCRETE_CONFIG = dict(SHARED_CONFIG, clip_sample=False, clip_sample_range=2.0, rescale_betas_zero_snr=True)
 
 
 @pytest.fixture(params=OUR_SCHEDULERS, ids=lambda c: c.__name__)
@@ -48,12 +37,14 @@ def test_config_has_every_key_of_the_diffusers_counterpart(counterpart):
 def test_from_config_both_ways_keeps_the_discrete_only_keys(scheduler_cls, counterpart):
     """test_contract.py round-trips the keys all five schedulers share; the discrete ones also carry `clip_sample`,
     `clip_sample_range` and `rescale_betas_zero_snr` both ways, and agree on the zero-terminal-SNR ᾱ table."""
-    ours = scheduler_cls.from_config(counterpart.from_config(SHARED_CONFIG).config)
+    ours = scheduler_cls.from_config(counterpart.from_config(DISCRETE_CONFIG).config)
     back = counterpart.from_config(ours.config)
-    assert {k: (ours.config[k], back.config[k]) for k in SHARED_CONFIG} == {
-        k: (v, v) for k, v in SHARED_CONFIG.items()
+    assert {k: (ours.config[k], back.config[k]) for k in DISCRETE_CONFIG} == {
+        k: (v, v) for k, v in DISCRETE_CONFIG.items()
     }
-    torch.testing.assert_close(ours.alphas_cumprod, counterpart(**SHARED_CONFIG).alphas_cumprod, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        ours.alphas_cumprod, counterpart(**DISCRETE_CONFIG).alphas_cumprod, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_timesteps_and_previous_timestep(scheduler_cls):

@@ -201,22 +201,8 @@ def test_label_dropout_uses_the_null_class():
 
 def test_output_folder_is_a_pipeline_with_the_ema_weights(tmp_path, tiny_config):
     out = tmp_path / "run"
-    metrics = tu.main(
-        tiny_args(
-            tiny_config,
-            out,
-            "--max_train_steps",
-            4,
-            "--checkpointing_steps",
-            4,
-            "--eval_every_steps",
-            2,
-            "--validation_scheduler",
-            "ddpm",
-            "--logger",
-            "tensorboard",
-        )
-    )
+    flags = "--max_train_steps 4 --checkpointing_steps 4 --eval_every_steps 2 --validation_scheduler ddpm"
+    metrics = tu.main(tiny_args(tiny_config, out, *flags.split(), "--logger", "tensorboard"))
     ema_state = load_file(out / "checkpoint-4" / "ema.safetensors")
     weights = _unet_weights(out)
     from diffusers import UNet2DModel
@@ -259,20 +245,8 @@ def test_output_folder_is_a_pipeline_with_the_ema_weights(tmp_path, tiny_config)
 
 def test_class_conditional_bf16_run_samples_requested_classes(tmp_path, tiny_config):
     out = tmp_path / "run"
-    result = tu.main(
-        tiny_args(
-            tiny_config,
-            out,
-            "--max_train_steps",
-            3,
-            "--num_class_embeds",
-            10,
-            "--mixed_precision",
-            "bf16",
-            "--checkpointing_steps",
-            3,
-        )
-    )
+    flags = "--max_train_steps 3 --num_class_embeds 10 --mixed_precision bf16 --checkpointing_steps 3"
+    result = tu.main(tiny_args(tiny_config, out, *flags.split()))
     losses = read_losses(out)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert "conditional_accuracy" in result
