@@ -239,8 +239,6 @@ def ours_loop(
     evaluation and export excluded, as in `diffusers_loop`); `marks` holds it at updates `warmup_updates` and
     `steps`, read after synchronising the device (the loop itself does not wait for it).
     """
-    import json
-
     import torch
 
     from training import train_unconditional as tu
