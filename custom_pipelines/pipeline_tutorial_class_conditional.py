@@ -12,7 +12,6 @@ This file is shipped inside saved pipeline folders: it imports only torch, diffu
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 
 # diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
 # facts"), so the files `TutorialPipelineBase` is built from are imported here too.
@@ -36,13 +35,8 @@ class TutorialClassConditionalPipeline(TutorialPipelineBase):
         scheduler (`SchedulerMixin`): any scheduler that fits a UNet2DModel.
     """
 
-    model_cpu_offload_seq = "unet"
     _card_tags = TutorialPipelineBase._card_tags + ("class-conditional", "classifier-free-guidance")
     _card_example_call = "class_labels=[0, 1, 2, 3], guidance_scale=3.0, num_inference_steps={steps}"
-
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
 
     @property
     def null_class(self) -> int:

@@ -15,7 +15,6 @@ import numbers
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 # diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
@@ -36,14 +35,9 @@ class TutorialImg2ImgPipeline(TutorialPipelineBase):
             told where the loop begins, as diffusers' img2img pipelines do.
     """
 
-    model_cpu_offload_seq = "unet"
     _pipeline_tag = "image-to-image"
     _card_tags = TutorialPipelineBase._card_tags + ("img2img", "sdedit")
     _card_example_call = "image=image, strength=0.5, num_inference_steps={steps}"
-
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
 
     @staticmethod
     def check_strength(strength: float, num_inference_steps: int) -> None:

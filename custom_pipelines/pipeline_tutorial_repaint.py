@@ -16,7 +16,6 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 # diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
@@ -59,14 +58,9 @@ class TutorialRePaintPipeline(TutorialPipelineBase):
             choice) or `TutorialDDIMScheduler`, or diffusers' `DDPMScheduler`.
     """
 
-    model_cpu_offload_seq = "unet"
     _pipeline_tag = "image-to-image"
     _card_tags = TutorialPipelineBase._card_tags + ("inpainting", "repaint")
     _card_example_call = "image=image, mask_image=mask, num_inference_steps={steps}"
-
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
 
     def check_scheduler(self) -> None:
         sched = self.scheduler

@@ -13,7 +13,6 @@ import importlib
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 
 # diffusers' remote-code loader copies only the sibling files this file imports, one level deep (DESIGN.md, "Loading
 # facts"), so the files `TutorialPipelineBase` is built from are imported here too.
@@ -31,12 +30,6 @@ class TutorialUnconditionalPipeline(TutorialPipelineBase):
         scheduler (`SchedulerMixin`): any scheduler that fits a UNet2DModel (DDPM, DDIM, PNDM, DPM-Solver, Euler,
             Heun, UniPC, LMS, DEIS, and this project's `TutorialDDPMScheduler`/`TutorialDDIMScheduler`).
     """
-
-    model_cpu_offload_seq = "unet"
-
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
 
     @torch.no_grad()
     def __call__(

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -49,16 +49,22 @@ class TutorialPipelineOutput(BaseOutput):
 
 
 class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionPipeline):
-    """Shared machinery of the tutorial pipelines (not a pipeline itself: subclasses define `__init__`/`__call__`).
+    """Shared machinery of the tutorial pipelines: the components (a `UNet2DModel` and any scheduler), argument checks
+    and the loop's chores. Not a pipeline itself: each subclass defines `__call__`.
 
     Saving (`save_pretrained`, `save_code`, `model_card`, `push_to_hub`) comes from `TutorialSavingMixin`, loading
     without remote code (`from_pretrained`) from `TutorialLoadingMixin`.
     """
 
+    model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
     # NaN/inf checks (`check_finite`): None = at once on the CPU, deferred to the loop's last step elsewhere (no host
     # synchronisation per step on a GPU); True/False force one way (the tests run the deferred path on the CPU).
     _defer_finite_check: Optional[bool] = None
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
 
     # ---- argument checks (validate at the door) -----------------------------------------------------------------
     @staticmethod
