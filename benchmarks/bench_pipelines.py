@@ -1,6 +1,6 @@
 """Sampling wall time of our pipelines against diffusers 0.42.1's DDIMPipeline and DDPMPipeline, in one run.
 
-    python benchmarks/bench_pipelines.py [--steps 50] [--batch 4] [--size 32] [--repeats 5] [--skip-compile]
+    python benchmarks/bench_pipelines.py [--steps 50] [--batch 4] [--size 32] [--repeats 5] [--skip-compile] [--quick]
 
 Same small random UNet2DModel, same number of steps, output_type="np" for all. Timings interleave the cases and
 report the minimum over `--repeats` rounds (the least disturbed run: the machine is shared). Reported per case:
@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import diffusers
 import torch
+from bench_utils import SMALL_ATTN_UNET, unet_config
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from custom_pipelines import TutorialUnconditionalPipeline
@@ -26,16 +27,7 @@ from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 
 def make_unet(size: int) -> UNet2DModel:
     torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    return UNet2DModel.from_config(unet_config(SMALL_ATTN_UNET, size)).eval()
 
 
 class NullUNet(torch.nn.Module):
@@ -109,7 +101,12 @@ def main():
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurement")
+    parser.add_argument(
+        "--quick", action="store_true", help="a seconds-long smoke run (3 steps, batch 1, 16x16, no compile)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.batch, args.size, args.repeats, args.skip_compile = 3, 1, 16, 1, True
     torch.manual_seed(0)
 
     unet = make_unet(args.size)

@@ -1,6 +1,6 @@
 """Time `step()` and `set_timesteps()` of our schedulers against diffusers 0.42.1's, side by side in one run.
 
-    python benchmarks/bench_schedulers.py [--repeats 7] [--threads 1]
+    python benchmarks/bench_schedulers.py [--repeats 7] [--threads 1] [--quick]
 
 Per case: a full N-step sampling loop with a trivial model (the step is all that is timed beyond one tanh), batch 1
 and 64 of 3x32x32. Timings interleave ours and theirs and report the median of `--repeats` rounds; ratio = ours /
@@ -81,7 +81,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (1 round of 5 steps)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 1, 5
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(

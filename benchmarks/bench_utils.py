@@ -53,6 +53,15 @@ MID_UNET = {
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 
+# A small UNet with attention at the lower level (~0.7 M parameters), where a pipeline's own overhead shows.
+SMALL_ATTN_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+
 
 def unet_config(arch: Dict, resolution: int, channels: int = 3) -> Dict:
     """A full `UNet2DModel` config.json dict for `arch` at `resolution`."""

@@ -28,7 +28,7 @@ convergence order on an exact model is untouched.
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -106,25 +106,17 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         check_choice("solver_order", solver_order, SOLVER_ORDERS)
         self._init_continuous_schedule()
 
-    def set_timesteps(
-        self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        timesteps: Optional[Sequence[float]] = None,
-    ) -> None:
-        """Build the grid t_0 = T-1 > ... > t_{N-1} = 0 (or, for few steps, its interior) and its λ, α, σ values once.
-
-        Args:
-            num_inference_steps (`int`, *optional*): N ≥ 2 grid points = model evaluations. Below `FEW_STEPS`, with
-                `few_step_interior`, the N points are the interior of the placement's N + 2-point grid.
-            device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
-            timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
-        """
-        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps, self.config.rho)  # validated at the door
+    def _grid_from(self, num_inference_steps, timesteps):
+        """The placement's grid, or below `FEW_STEPS` evaluations (with `few_step_interior`) its N + 2-point grid's
+        interior: N points = N model evaluations (module docstring)."""
+        grid, half_log_snr = super()._grid_from(num_inference_steps, timesteps)  # validated at the door
         if self.config.few_step_interior and timesteps is None and grid.numel() < FEW_STEPS:
-            # few steps: the interior of the placement's N + 2-point grid (module docstring)
-            grid, half_log_snr = self._grid_from(grid.numel() + 2, None, self.config.rho)
+            grid, half_log_snr = super()._grid_from(grid.numel() + 2, None)
             grid, half_log_snr = grid[1:-1].clone(), half_log_snr[1:-1].clone()
+        return grid, half_log_snr
+
+    def _tabulate_grid(self, grid: torch.Tensor, half_log_snr: torch.Tensor, device) -> None:
+        """The λ, α, σ values of every grid point t_0 > ... > t_{N-1}, each a model evaluation and a possible start."""
         alpha_bar = alpha_bar_from_log_snr(2 * half_log_snr)
         # ---- the one block of mutable state ----------------------------------------------------------------------
         self._use_entries(grid, list(range(grid.numel())), int(grid.numel()), device)  # every grid point may start

@@ -16,7 +16,7 @@ timesteps fed to the model); the grid runs from t = T-1 to t = 0, and the last m
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,20 +98,8 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
         self._init_continuous_schedule()
         self.order = len(_TABLEAUS[solver][0])  # entries of `timesteps` per step, as diffusers' pipelines read it
 
-    def set_timesteps(
-        self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        timesteps: Optional[Sequence[float]] = None,
-    ) -> None:
-        """Build the grid, the stage points between its nodes and the (step, stage) of every entry, once.
-
-        Args:
-            num_inference_steps (`int`, *optional*): N ≥ 2 grid points (N - 1 steps).
-            device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
-            timesteps (`list[float]`, *optional*): a custom grid, strictly descending from T-1 to 0.
-        """
-        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps, self.config.rho)
+    def _tabulate_grid(self, grid: torch.Tensor, half_log_snr: torch.Tensor, device) -> None:
+        """The stage points between the grid's nodes and the (step, stage) of every entry: N points make N - 1 steps."""
         nodes = torch.tensor(_TABLEAUS[self.config.solver][0], dtype=torch.float64)
         sigma_bar = torch.exp(-half_log_snr)  # σ̄ = e^{-λ}, the natural variable
         # Stage s of step i sits at σ̄_i + c_s (σ̄_{i+1} - σ̄_i); the model is fed the timestep of that λ, and the

@@ -22,7 +22,7 @@ solves √ᾱ / (1 - ᾱ) = e^{λ}; VE's σ is e^{-λ} (σ ∈ [e^{-λ_0}, e^{-�
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -119,20 +119,8 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         # `order` when they start part-way, `timesteps[t_start * order:]`.
         self.order = 1 + (n_corrector_steps if corrector == "langevin" else 0)
 
-    def set_timesteps(
-        self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        timesteps: Optional[Sequence[float]] = None,
-    ) -> None:
-        """Build the grid, each point's SDE coefficients, and the (grid point, role) of every loop entry, once.
-
-        Args:
-            num_inference_steps (`int`, *optional*): N ≥ 2 grid points.
-            device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
-            timesteps (`list[float]`, *optional*): a custom grid, strictly descending from T-1 to 0.
-        """
-        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps, self.config.rho)
+    def _tabulate_grid(self, grid: torch.Tensor, half_log_snr: torch.Tensor, device) -> None:
+        """Each grid point's SDE coefficients, and the (grid point, role) of every loop entry."""
         sqrt_alpha_bar, sigma, tau, g2 = sde_marginal(self.config.sde_type, half_log_snr)
         alpha_bar_vp = alpha_bar_from_log_snr(2 * half_log_snr)
         # Song's corrector step size uses α_i = 1 - β_i of the discrete VP chain (Alg. 5); 1 for VE (Alg. 4).

@@ -21,7 +21,7 @@ The functions of that definition (`tm.half_log_snr_at`, `tm.timestep_at`, `tm.al
 `tm.check_custom_grid`) live in `tutorial_math.py`; this file holds the state the continuous samplers share.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -36,7 +36,7 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
     """Mixin: the ᾱ/λ tables, a walk over `self.timesteps` (which may repeat a timestep), and diffusers' helpers.
 
     Subclasses derive from `SchedulerMixin` and `ConfigMixin`, call `_init_continuous_schedule` in their
-    `@register_to_config` `__init__`, and in `set_timesteps` call `_use_entries` with the loop's entries. A sampling
+    `@register_to_config` `__init__`, and in `_tabulate_grid` call `_use_entries` with the loop's entries. A sampling
     loop calls `step` once per entry of `self.timesteps`, in order, from a step's first entry (entry 0, the entry
     `set_begin_index` names, or the first entry of any step, found by its timestep); `self.step_index` is the entry the
     next `step` serves. A fresh scheduler walks the full training grid T-1, ..., 0 (built on first use).
@@ -150,7 +150,32 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
         """ᾱ(t) for fractional t, the continuous schedule of this module (λ linear between integers)."""
         return tm.alpha_bar_from_log_snr(2 * tm.half_log_snr_at(t, self.half_log_snr))
 
-    def _grid_from(self, num_inference_steps, timesteps, rho: float):
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[float]] = None,
+    ) -> None:
+        """Choose the grid the sampler visits (before sampling) and tabulate, once, what its `step` reads there.
+
+        The grid runs from t = T-1 down to t = 0, placed by the config's `step_placement`; the sampler's
+        `_tabulate_grid` turns it into the loop's entries (`self.timesteps`, one `step` each: a multi-stage or
+        corrector step repeats its timestep) and the coefficients of every point.
+
+        Args:
+            num_inference_steps (`int`, *optional*): N ≥ 2 grid points. Exactly one of `num_inference_steps` and
+                `timesteps` is given.
+            device (`str` or `torch.device`, *optional*): where `self.timesteps` lives.
+            timesteps (`list[float]`, *optional*): a custom (tuned) grid, strictly descending from T-1 to 0.
+        """
+        grid, half_log_snr = self._grid_from(num_inference_steps, timesteps)  # validated at the door
+        self._tabulate_grid(grid, half_log_snr, device)
+
+    def _tabulate_grid(self, grid: torch.Tensor, half_log_snr: torch.Tensor, device) -> None:
+        """Write the one block of mutable state for this grid (its λ values given): `_use_entries`, then the tables."""
+        raise NotImplementedError
+
+    def _grid_from(self, num_inference_steps, timesteps):
         """The descending float64 timestep grid from T-1 to 0 and its λ values (validated at the door)."""
         T = self.config.num_train_timesteps
         tm.check_steps_or_timesteps(num_inference_steps, timesteps)
@@ -162,7 +187,7 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
             return grid, tm.half_log_snr_at(grid, self.half_log_snr)
         half_log_snr = tm.placement_half_log_snrs(
-            num_inference_steps, self.half_log_snr, self.config.step_placement, rho
+            num_inference_steps, self.half_log_snr, self.config.step_placement, self.config.rho
         )
         grid = tm.timestep_at(half_log_snr, self.half_log_snr)
         grid[0], grid[-1] = T - 1, 0.0

@@ -89,3 +89,16 @@ def test_bench_samplers_trained_networks_quick():
     stdout = _run("bench_samplers.py", "--quick", "--sections", "trained")
     assert "ours DPM++ 2M (defaults)" in stdout and "diffusers UniPC" in stdout
     assert stdout.count("evaluations: ours (defaults)") == 3  # 5, 10 and 20 evaluations
+
+
+def test_bench_schedulers_quick():
+    stdout = _run("bench_schedulers.py", "--quick", "--threads", "1")
+    for case in ("DDPM", "DDIM eta=0", "DDIM eta=1"):
+        assert f"step {case}, batch 64" in stdout and f"set_timesteps cold {case}, N=1000" in stdout
+
+
+def test_bench_pipelines_quick():
+    stdout = _run("bench_pipelines.py", "--quick")
+    for case in ("ours + TutorialDDIMScheduler", "diffusers DDIMPipeline", "ours + TutorialDDPMScheduler"):
+        assert f"| {case} |" in stdout
+    assert "| channels_last |" in stdout

@@ -75,15 +75,8 @@ def components():
         latent_channels=4,
         norm_num_groups=8,
     ).eval()
-    return dict(
-        unet=unet,
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    absent = dict.fromkeys(("text_encoder", "tokenizer", "safety_checker", "feature_extractor"))  # None each
+    return dict(unet=unet, vae=vae, requires_safety_checker=False, **absent)
 
 
 def inputs(kind: str, strength: float = 0.6) -> dict:
