@@ -225,8 +225,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "--likelihood_samples",
         type=int,
         default=0,
-        help="Also report the variational bound and the ODE likelihood (bits/dim) of this many held-out "
-        "digits (0: skip).",
+        help="Also report the variational bound and ODE likelihood (bits/dim) of N held-out digits (0: skip).",
     )
     p.add_argument("--elbo_steps", type=int, default=100, help="Grid size of the variational bound.")
     p.add_argument("--ode_tolerance", type=float, default=1e-3, help="rtol = atol of the ODE likelihood solver.")

@@ -134,20 +134,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="Zero terminal SNR (Lin et al. 2023); needs --prediction_type v_prediction or sample.",
     )
-    p.add_argument(
-        "--train_scheduler",
-        type=str,
-        default="ddpm",
-        choices=tuple(SCHEDULERS),
-        help="Our scheduler whose add_noise defines q(x_t | x_0) during training.",
-    )
-    p.add_argument(
-        "--validation_scheduler",
-        type=str,
-        default="ddim",
-        choices=tuple(SCHEDULERS),
-        help="Our scheduler used for validation samples and saved in the pipeline folder.",
-    )
+    for flag, default, role in (
+        ("--train_scheduler", "ddpm", "whose add_noise defines q(x_t | x_0) during training"),
+        ("--validation_scheduler", "ddim", "used for validation samples and saved in the pipeline folder"),
+    ):
+        p.add_argument(flag, type=str, default=default, choices=tuple(SCHEDULERS), help=f"Our scheduler {role}.")
     p.add_argument(
         "--num_class_embeds",
         type=int,
