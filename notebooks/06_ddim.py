@@ -31,6 +31,7 @@ import torch
 import training
 from custom_pipelines import TutorialUnconditionalPipeline
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
+from schedulers import tutorial_grids as grids
 from schedulers import tutorial_math as tm
 from training.data import load_digits_tensors
 from training.grids import make_grid
@@ -130,8 +131,8 @@ plt.show()
 
 # %%
 for steps in (T, 50):
-    grid = tm.spaced_timesteps(steps, T)
-    prev = tm.successor_timesteps(grid)
+    grid = grids.spaced_timesteps(steps, T)
+    prev = grids.successor_timesteps(grid)
     ab = alpha_bar[grid]
     ab_prev = torch.where(prev >= 0, alpha_bar[prev.clamp(min=0)], torch.ones((), dtype=torch.float64))  # ᾱ_{-1} = 1
     sigma_eta1 = ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()  # DDIM eq. (16), η = 1

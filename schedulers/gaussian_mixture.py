@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import tutorial_grids as grids
 from . import tutorial_math as tm
 
 
@@ -97,7 +98,7 @@ class GaussianMixture:
         """A stand-in for a perfectly trained network: `model(x_t, t) -> ε*, x_0* or v*`.
 
         At integer t it reads ᾱ_t from the table; at fractional t (continuous-time samplers) it uses the continuous
-        schedule of `tutorial_math.alpha_bar_at` (λ linear between integers), so it is exact for every t.
+        schedule of `tutorial_grids.alpha_bar_at` (λ linear between integers), so it is exact for every t.
 
         Args:
             alpha_bar_table (`torch.Tensor`): ᾱ indexed by the integer timestep (a scheduler's `alpha_bar`).
@@ -113,7 +114,7 @@ class GaussianMixture:
                 alpha_bar = table[t.long()] if t.ndim == 0 else table[t.long().flatten()]
             else:
                 alpha_bar = tm.alpha_bar_from_log_snr(
-                    2 * tm.half_log_snr_at(t.flatten() if t.ndim else t, half_log_snr_table)
+                    2 * grids.half_log_snr_at(t.flatten() if t.ndim else t, half_log_snr_table)
                 )
             if alpha_bar.ndim == 1 and alpha_bar.numel() == 1:
                 alpha_bar = alpha_bar[0]

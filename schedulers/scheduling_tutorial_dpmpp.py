@@ -37,6 +37,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
+from .tutorial_grids import STEP_PLACEMENTS  # noqa: F401  (shipped with this file: the base builds the grid with it)
 from .tutorial_math import alpha_bar_from_log_snr, check_choice
 
 # `tune_timesteps`, first defined here, lives in the leaf `tutorial_ode.py`; it keeps its old import path.

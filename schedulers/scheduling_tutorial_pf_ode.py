@@ -25,7 +25,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import alpha_bar_from_log_snr, check_choice, half_log_snr_at, timestep_at
+from .tutorial_grids import half_log_snr_at, timestep_at
+from .tutorial_math import alpha_bar_from_log_snr, check_choice
 
 # The adaptive solver, first defined here, lives in the leaf `tutorial_ode.py`; these names keep their old import path.
 from .tutorial_ode import (  # noqa: F401  (re-exported)

@@ -32,7 +32,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_math import alpha_bar_from_log_snr, check_choice, check_int, expand_to, half_log_snr_at
+from .tutorial_grids import half_log_snr_at
+from .tutorial_math import alpha_bar_from_log_snr, check_choice, check_int, expand_to
 from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 SDE_TYPES = ("vp", "subvp", "ve")

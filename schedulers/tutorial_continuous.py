@@ -10,21 +10,22 @@ arXiv:2206.00927) need a continuous ᾱ(t). Our definition, used by every file t
 This is exactly diffusers' Euler/Heun convention (`_sigma_to_t` interpolates t linearly in log σ̄, and
 log σ̄ = -λ), so a network already sees such fractional timesteps there. At integer t it is the table itself, so
 an exact model of the table (`GaussianMixture.model`) is also exact for the continuous schedule once it reads ᾱ
-through `tm.alpha_bar_at` (see `GaussianMixture.model`). The probability-flow ODE only depends on t through λ, so the
+through `grids.alpha_bar_at` (see `GaussianMixture.model`). The probability-flow ODE only depends on t through λ, so the
 kinks of λ(t) at integers never reach the solvers: they integrate in λ (or σ̄ = e^{-λ}), where everything is smooth.
 
 The sampled interval is t ∈ [0, T-1]: x_{T-1} ~ N(0, I) at the start, and the last model evaluation, at t = 0,
 returns the denoised x̂_0 (Tweedie's mean, the DDIM step to ᾱ = 1). The reference "exact" sample of a PF-ODE
 sampler is therefore x̂_0(Φ_{T-1→0}(x_{T-1}), 0), Φ the exact ODE flow.
 
-The functions of that definition (`tm.half_log_snr_at`, `tm.timestep_at`, `tm.alpha_bar_at`, `tm.placement_half_log_snrs`,
-`tm.check_custom_grid`) live in `tutorial_math.py`; this file holds the state the continuous samplers share.
+The functions of that definition (`half_log_snr_at`, `timestep_at`, `alpha_bar_at`, `placement_half_log_snrs`,
+`check_custom_grid`) live in `tutorial_grids.py`; this file holds the state the continuous samplers share.
 """
 
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import tutorial_grids as grids
 from . import tutorial_math as tm
 from .tutorial_scheduler_common import TutorialSchedulerCommon
 
@@ -51,7 +52,7 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
                 "rescale_betas_zero_snr=True is not supported by the continuous-time samplers: λ_{T-1} = -∞ leaves no "
                 "finite interval to integrate the probability-flow ODE over; allowed: (False,)."
             )
-        tm.check_choice("step_placement", cfg.step_placement, tm.STEP_PLACEMENTS)
+        tm.check_choice("step_placement", cfg.step_placement, grids.STEP_PLACEMENTS)
         if not cfg.rho > 0:
             raise ValueError(f"rho={cfg.rho!r} must be > 0.")
         self._init_tables()
@@ -148,7 +149,7 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
     # ---- the continuous schedule -----------------------------------------------------------------------------------
     def alpha_bar_at(self, t) -> torch.Tensor:
         """ᾱ(t) for fractional t, the continuous schedule of this module (λ linear between integers)."""
-        return tm.alpha_bar_from_log_snr(2 * tm.half_log_snr_at(t, self.half_log_snr))
+        return tm.alpha_bar_from_log_snr(2 * grids.half_log_snr_at(t, self.half_log_snr))
 
     def set_timesteps(
         self,
@@ -178,18 +179,18 @@ class TutorialContinuousScheduler(TutorialSchedulerCommon):
     def _grid_from(self, num_inference_steps, timesteps):
         """The descending float64 timestep grid from T-1 to 0 and its λ values (validated at the door)."""
         T = self.config.num_train_timesteps
-        tm.check_steps_or_timesteps(num_inference_steps, timesteps)
+        grids.check_steps_or_timesteps(num_inference_steps, timesteps)
         if timesteps is not None:
-            grid = tm.check_custom_grid(timesteps, T)
-            return grid, tm.half_log_snr_at(grid, self.half_log_snr)
+            grid = grids.check_custom_grid(timesteps, T)
+            return grid, grids.half_log_snr_at(grid, self.half_log_snr)
         num_inference_steps = tm.check_int("num_inference_steps", num_inference_steps, minimum=2)
         if self.config.step_placement == "time_uniform":  # exact timesteps, no round trip through λ
             grid = torch.linspace(T - 1, 0, num_inference_steps, dtype=torch.float64)
-            return grid, tm.half_log_snr_at(grid, self.half_log_snr)
-        half_log_snr = tm.placement_half_log_snrs(
+            return grid, grids.half_log_snr_at(grid, self.half_log_snr)
+        half_log_snr = grids.placement_half_log_snrs(
             num_inference_steps, self.half_log_snr, self.config.step_placement, self.config.rho
         )
-        grid = tm.timestep_at(half_log_snr, self.half_log_snr)
+        grid = grids.timestep_at(half_log_snr, self.half_log_snr)
         grid[0], grid[-1] = T - 1, 0.0
         return grid, half_log_snr
 

@@ -10,7 +10,7 @@
 
 Plain functions beside the math: a model is any callable `model(x_t, t)` returning the network's output (ε, x_0 or v
 as `prediction_type` says) at integer or fractional timesteps t; a schedule is any scheduler, ours or diffusers' (see
-`schedule_of`). A leaf: it imports only `tutorial_math.py` and `tutorial_ode.py`. The pipelines expose these
+`schedule_of`). A leaf: it imports only `tutorial_math.py`, `tutorial_grids.py` and `tutorial_ode.py`. The pipelines expose these
 functions as `pipe.variational_bound`, `pipe.variational_bound_dataset` and `pipe.log_likelihood`.
 """
 
@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
+from . import tutorial_grids as grids
 from . import tutorial_math as tm
 from .tutorial_ode import describe_position, dormand_prince, pf_ode_field
 
@@ -322,7 +323,7 @@ def ode_log_likelihood(
     field = _augmented_field(pf_ode_field(model, alpha_bar, prediction_type, return_eps=True), x.shape, probes)
 
     # Integrate (x, ∫ tr ∂f/∂x) from λ(t_start) to λ(T-1).
-    start = float(tm.half_log_snr_at(float(t_start), half_log_snr_table))
+    start = float(grids.half_log_snr_at(float(t_start), half_log_snr_table))
     end = float(half_log_snr_table[-1])
     state0 = torch.cat([x.reshape(B, -1), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)
     describe = describe_position(half_log_snr_table)

@@ -4,7 +4,7 @@ Song et al., "Score-Based Generative Modeling through SDEs", arXiv:2011.13456, e
 (dx/dλ = σ² x - σ ε̂, σ² = 1 - ᾱ) with the Dormand–Prince 5(4) pair (Dormand & Prince 1980) and error control;
 and `tune_timesteps`, which places a sampler's grid by the distance of its output to that reference.
 
-A leaf beside the samplers: it imports only `tutorial_math.py`. The samplers (`scheduling_tutorial_pf_ode.py`,
+A leaf beside the samplers: it imports only `tutorial_math.py` and `tutorial_grids.py`. The samplers (`scheduling_tutorial_pf_ode.py`,
 `scheduling_tutorial_dpmpp.py`) do not need it to step; they re-export its names where they were first defined, and
 the likelihoods (`tutorial_likelihood.py`) reuse `pf_ode_field` and `dormand_prince`.
 """
@@ -15,14 +15,13 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .tutorial_grids import half_log_snr_at, timestep_at
 from .tutorial_math import (
     alpha_bar_from_log_snr,
     check_int,
     half_log_snr,
-    half_log_snr_at,
     model_output_to_x0,
     model_output_to_x0_eps,
-    timestep_at,
 )
 
 

@@ -4,10 +4,10 @@ Every import is seen: top-level and inner (`def f(): from x import y`), relative
 `importlib.import_module(...)` / `__import__(...)` calls, whose argument must be a string the checker can read (a
 literal, an f-string or a module-level string constant); an argument it cannot read is itself a violation.
 
-Rules: the math (`schedulers/tutorial_math.py`) is a leaf; samplers sit side by side (each `scheduling_tutorial_*.py`
-imports only a base module, the math and leaf helpers, never another sampler); the likelihoods
-(`schedulers/tutorial_likelihood.py`) are plain functions beside the math that import only the math and the ODE
-helper, and no sampler imports them (pipelines do); `schedulers` never imports
+Rules: the math (`schedulers/tutorial_math.py`) is a leaf, and the grids (`tutorial_grids.py`) import only it; samplers
+sit side by side (each `scheduling_tutorial_*.py` imports only a base module, the math and leaf helpers, never another
+sampler); the likelihoods (`schedulers/tutorial_likelihood.py`) are plain functions beside the math that import only
+the math, the grids and the ODE helper, and no sampler imports them (pipelines do); `schedulers` never imports
 `custom_pipelines` or `training`; `custom_pipelines` never imports `training`. The shipped folders under
 `training/pretrained/` are generated copies of library files, checked by `training/export_shipped.py --check`
 (tests/training/test_shipped_code_in_sync.py), so they are not walked here.
@@ -35,20 +35,22 @@ FORBIDDEN_THIRD_PARTY = {
 # Inside `schedulers/`: the siblings each module may import. Samplers side by side: a sampler file imports a base,
 # the math and the leaf helpers; the math and the helpers import nothing above them. A new module needs a line here.
 MATH = "tutorial_math"
+GRIDS = "tutorial_grids"  # the math of timestep grids, on top of tutorial_math and nothing else
 BASES = {"tutorial_discrete_base", "tutorial_continuous"}
 LEAF_HELPERS = {"tutorial_scheduler_common", "tutorial_ode"}
 SCHEDULER_SIBLINGS = {
     "__init__": None,  # the package's front door re-exports everything
     MATH: set(),
+    GRIDS: {MATH},
     "tutorial_scheduler_common": {MATH},  # the output class and the mixin under both bases
-    "tutorial_ode": {MATH},
-    "tutorial_discrete_base": {MATH, "tutorial_scheduler_common"},  # both bases stand on the shared mixin
-    "tutorial_continuous": {MATH, "tutorial_scheduler_common"},
-    "gaussian_mixture": {MATH},  # exact test data for the tutorial and the tests
-    "tutorial_likelihood": {MATH, "tutorial_ode"},  # the ELBO and the PF-ODE likelihood: pf_ode_field, gaussian_kl
+    "tutorial_ode": {MATH, GRIDS},
+    "tutorial_discrete_base": {MATH, GRIDS, "tutorial_scheduler_common"},  # both bases stand on the shared mixin
+    "tutorial_continuous": {MATH, GRIDS, "tutorial_scheduler_common"},
+    "gaussian_mixture": {MATH, GRIDS},  # exact test data for the tutorial and the tests
+    "tutorial_likelihood": {MATH, GRIDS, "tutorial_ode"},  # the ELBO and the PF-ODE likelihood
 }
 SAMPLER_PREFIX = "scheduling_tutorial_"
-SAMPLER_SIBLINGS = BASES | {MATH} | LEAF_HELPERS
+SAMPLER_SIBLINGS = BASES | {MATH, GRIDS} | LEAF_HELPERS
 
 
 def _module_name(path: Path) -> str:

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from schedulers import tutorial_grids as grids
 from schedulers import tutorial_math as tm
 from schedulers.scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler
 from schedulers.scheduling_tutorial_pf_ode import TutorialPFODEScheduler
@@ -90,7 +91,7 @@ def test_dpmpp_part_way_first_step_is_first_order():
     k = 4
     s.set_begin_index(k)
     x, x0 = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    half_log_snr = tm.half_log_snr_at(s.timesteps[k : k + 2], s.half_log_snr)
+    half_log_snr = grids.half_log_snr_at(s.timesteps[k : k + 2], s.half_log_snr)
     sqrt_alpha_bar, sigma = torch.sigmoid(2 * half_log_snr).sqrt(), torch.sigmoid(-2 * half_log_snr).sqrt()
     h = float(half_log_snr[1] - half_log_snr[0])
     expected = float(sigma[1] / sigma[0]) * x + float(sqrt_alpha_bar[1]) * -math.expm1(-h) * x0
@@ -104,9 +105,9 @@ def test_score_sde_add_noise_is_the_sdes_own_marginal(sde_type):
     s = TutorialScoreSDEScheduler(sde_type=sde_type)
     x0, eps = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     t = torch.tensor([0.0, 412.5, 999.0], dtype=torch.float64)
-    alpha, sigma, _, _ = sde_marginal(sde_type, tm.half_log_snr_at(t, s.half_log_snr))
+    alpha, sigma, _, _ = sde_marginal(sde_type, grids.half_log_snr_at(t, s.half_log_snr))
     torch.testing.assert_close(s.add_noise(x0, eps, t), alpha[:, None] * x0 + sigma[:, None] * eps)
     if sde_type == "ve":
-        torch.testing.assert_close(sigma, torch.exp(-tm.half_log_snr_at(t, s.half_log_snr)))
+        torch.testing.assert_close(sigma, torch.exp(-grids.half_log_snr_at(t, s.half_log_snr)))
     if sde_type == "vp":
         torch.testing.assert_close(s.add_noise(x0, eps, t), tm.q_sample(x0, eps, s.alpha_bar_at(t)))

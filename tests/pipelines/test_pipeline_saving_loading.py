@@ -129,7 +129,7 @@ def test_folder_is_self_contained(folders):
 
 def test_ddpm_scheduler_ships_only_what_it_imports(folders):
     shipped = {p.name for p in (folders["ours_ddpm"] / "scheduler").glob("*.py")}
-    expected = {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_math.py"}
+    expected = {"scheduling_tutorial_ddpm.py", "tutorial_discrete_base.py", "tutorial_grids.py", "tutorial_math.py"}
     assert shipped == expected | {"tutorial_scheduler_common.py"}
     index = json.loads((folders["ours_ddpm"] / "model_index.json").read_text())
     assert index["scheduler"] == ["scheduling_tutorial_ddpm", "TutorialDDPMScheduler"]

@@ -25,6 +25,7 @@ from schedulers import (
     TutorialSchedulerOutput,
     TutorialScoreSDEScheduler,
 )
+from schedulers import tutorial_grids as grids
 from schedulers import tutorial_math as tm
 
 from .conftest import SHARED_CONFIG
@@ -80,7 +81,7 @@ def point_mass_model(scheduler, c):
     prediction type. ᾱ(t) is the continuous schedule (the table itself at integer t)."""
 
     def model(x, t):
-        ab = float(tm.alpha_bar_at(float(t), scheduler.alpha_bar))
+        ab = float(grids.alpha_bar_at(float(t), scheduler.alpha_bar))
         eps = (x - math.sqrt(ab) * c) / math.sqrt(1 - ab)
         if scheduler.config.prediction_type == "v_prediction":
             return tm.velocity(torch.full_like(x, c), eps, ab)

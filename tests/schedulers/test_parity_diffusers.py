@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from custom_pipelines import sample_loop
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
+from schedulers import tutorial_grids as grids
 from schedulers import tutorial_math as tm
 
 T = 1000
@@ -78,7 +79,7 @@ def test_alpha_bar_tables_agree():
 @pytest.mark.parametrize("beta_schedule", tm.BETA_SCHEDULES)
 @pytest.mark.parametrize("prediction_type", tm.PREDICTION_TYPES)
 def test_ddpm_sampling_loop_matches_diffusers(beta_schedule, prediction_type):
-    grid = itertools.product(VARIANCE_TYPES_DIFFUSERS_GETS_RIGHT, tm.TIMESTEP_SPACINGS, RANGE_MODES, STEP_COUNTS)
+    grid = itertools.product(VARIANCE_TYPES_DIFFUSERS_GETS_RIGHT, grids.TIMESTEP_SPACINGS, RANGE_MODES, STEP_COUNTS)
     for variance_type, spacing, range_mode, n in grid:
         ours = TutorialDDPMScheduler(
             beta_schedule=beta_schedule,
@@ -104,7 +105,7 @@ def test_ddpm_sampling_loop_matches_diffusers(beta_schedule, prediction_type):
 def test_ddim_sampling_loop_matches_diffusers(beta_schedule, prediction_type):
     """diffusers steps to t - T//N: right for `leading`, for `trailing` when N divides T, for `linspace` when N = 1."""
     for spacing, n, eta, range_mode in itertools.product(
-        tm.TIMESTEP_SPACINGS, STEP_COUNTS, (0.0, 0.5, 1.0), RANGE_MODES + ("clip_and_reuse",)
+        grids.TIMESTEP_SPACINGS, STEP_COUNTS, (0.0, 0.5, 1.0), RANGE_MODES + ("clip_and_reuse",)
     ):
         if (spacing == "trailing" and T % n) or (spacing == "linspace" and n > 1):
             continue
@@ -151,11 +152,11 @@ def test_full_1000_step_loop_matches_diffusers(scheduler_pair):
 
 def test_timestep_grids_match_diffusers_for_every_step_count():
     """Same grid as diffusers for all N in 1..T, except diffusers' extra t = -1 (test_where_diffusers_is_wrong)."""
-    for spacing in tm.TIMESTEP_SPACINGS:
+    for spacing in grids.TIMESTEP_SPACINGS:
         ref = DDPMScheduler(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
         for n in range(1, T):
             ref.set_timesteps(n)
-            ours = tm.spaced_timesteps(n, T, spacing, 1 if spacing == "leading" else 0)
+            ours = grids.spaced_timesteps(n, T, spacing, 1 if spacing == "leading" else 0)
             assert torch.equal(ours, ref.timesteps[:n]), (spacing, n)
 
 

@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_discrete_base import TutorialDiscreteScheduler
+from .tutorial_grids import TIMESTEP_SPACINGS  # noqa: F401  (shipped with this file: the base builds the grid with it)
 from .tutorial_math import eps_to_x0, model_output_to_x0_eps, q_posterior_coefs, x0_to_eps
 from .tutorial_scheduler_common import TutorialSchedulerOutput
 

@@ -1,7 +1,8 @@
 """What every discrete-time (t ∈ {0, ..., T-1}) scheduler of this project shares: the schedule, the grid, the door.
 
 Not a sampler: `scheduling_tutorial_ddpm.py` and `scheduling_tutorial_ddim.py` each add one `step` to this.
-The math itself lives in `tutorial_math.py`; this file only holds state (what `set_timesteps` writes) and checks.
+The math itself lives in `tutorial_math.py` (the grids' spacings in `tutorial_grids.py`); this file only holds state
+(what `set_timesteps` writes) and checks.
 
 Which step a timestep t takes (diffusers' implicit contract, kept so that code written for diffusers runs):
 
@@ -17,6 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import tutorial_grids as grids
 from . import tutorial_math as tm
 from .tutorial_scheduler_common import TutorialSchedulerCommon
 
@@ -31,7 +33,7 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
     def _init_schedule(self) -> None:
         cfg = self.config
         self._check_common_config()
-        tm.check_choice("timestep_spacing", cfg.timestep_spacing, tm.TIMESTEP_SPACINGS)
+        tm.check_choice("timestep_spacing", cfg.timestep_spacing, grids.TIMESTEP_SPACINGS)
         if cfg.clip_sample and not cfg.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range={cfg.clip_sample_range!r} must be > 0.")
         tm.check_int("steps_offset", cfg.steps_offset, minimum=0)
@@ -93,7 +95,7 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
             timesteps (`list[int]`, *optional*): a custom strictly descending grid inside [0, num_train_timesteps).
         """
         if (num_inference_steps is None) == (timesteps is None):
-            tm.check_steps_or_timesteps(num_inference_steps, timesteps)
+            grids.check_steps_or_timesteps(num_inference_steps, timesteps)
         T = self.config.num_train_timesteps
         if timesteps is None:
             n = num_inference_steps
@@ -113,10 +115,10 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
                         f"steps_offset={offset} pushes the 'leading' grid past t = {T - 1} at "
                         f"num_inference_steps={n}; lower steps_offset or num_inference_steps."
                     )
-                grid = tm.spaced_timesteps(n, T, spacing, offset)
+                grid = grids.spaced_timesteps(n, T, spacing, offset)
                 entry = self._grid_entry(grid, n, custom=False)
             else:
-                grid = tm.validate_custom_timesteps(timesteps, T)
+                grid = grids.validate_custom_timesteps(timesteps, T)
                 entry = self._grid_entry(grid, int(grid.numel()), custom=True)
             self._grid_cache[key] = entry
         self._use_grid(entry, device)
@@ -137,7 +139,7 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
         entry = self._grid
         if entry["state"] is None:
             grid = entry["timesteps"]
-            prev = tm.successor_timesteps(grid)
+            prev = grids.successor_timesteps(grid)
             # ᾱ of each step's target level; index -1 (x_0) picks the appended final ᾱ.
             alpha_bar_ext = torch.cat([self.alpha_bar, self.alpha_bar.new_tensor([self._final_alpha_bar()])])
             entry["state"] = {
