@@ -94,6 +94,29 @@ def best_times(cases, repeats):
     return {name: min(v) for name, v in samples.items()}
 
 
+def unet_settings(args) -> None:
+    """channels_last and torch.compile on the UNet alone (the pipeline adds nothing to these): a table of speed-ups."""
+    b, n = args.batch, args.steps
+    unet = make_unet(args.size)
+    print("\n| UNet setting | wall s for the UNet calls | speed-up |")
+    print("|---|---|---|")
+    variants = {"default (contiguous, eager)": unet}
+    cl = make_unet(args.size).to(memory_format=torch.channels_last)
+    variants["channels_last"] = cl
+    if not args.skip_compile:
+        try:
+            compiled = torch.compile(make_unet(args.size))
+            unet_alone(compiled, b, args.size, 2)()  # compile outside the timing
+            variants["torch.compile"] = compiled
+        except Exception as err:  # no compiler toolchain: report, do not fail
+            print(f"| torch.compile | failed: {type(err).__name__}: {str(err)[:80]} | - |")
+    runs = {name: unet_alone(m, b, args.size, n) for name, m in variants.items()}
+    vt = best_times(runs, args.repeats)
+    base = vt["default (contiguous, eager)"]
+    for name, t in vt.items():
+        print(f"| {name} | {t:.3f} | {base / t:.2f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=25)
@@ -162,24 +185,7 @@ def main():
         ratio = f"{t / times[ref]:.3f} | {alone / loop_times[ref]:.3f}" if ref != name else "- | -"
         print(f"| {name} | {t:.3f} | {alone:.4f} | {100 * alone / t:.2f}% | {100 * (t - floor) / t:+.2f}% | {ratio} |")
 
-    # channels_last and torch.compile on the UNet alone (the pipeline adds nothing to these).
-    print("\n| UNet setting | wall s for the UNet calls | speed-up |")
-    print("|---|---|---|")
-    variants = {"default (contiguous, eager)": unet}
-    cl = make_unet(args.size).to(memory_format=torch.channels_last)
-    variants["channels_last"] = cl
-    if not args.skip_compile:
-        try:
-            compiled = torch.compile(make_unet(args.size))
-            unet_alone(compiled, b, args.size, 2)()  # compile outside the timing
-            variants["torch.compile"] = compiled
-        except Exception as err:  # no compiler toolchain: report, do not fail
-            print(f"| torch.compile | failed: {type(err).__name__}: {str(err)[:80]} | - |")
-    runs = {name: unet_alone(m, b, args.size, n) for name, m in variants.items()}
-    vt = best_times(runs, args.repeats)
-    base = vt["default (contiguous, eager)"]
-    for name, t in vt.items():
-        print(f"| {name} | {t:.3f} | {base / t:.2f}x |")
+    unet_settings(args)
 
 
 if __name__ == "__main__":

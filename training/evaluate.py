@@ -221,14 +221,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--grid", default=None, help="Write a PNG grid of the samples here.")
     p.add_argument("--output", default=None, help="Write the metrics as JSON here.")
-    p.add_argument(
-        "--likelihood_samples",
-        type=int,
-        default=0,
-        help="Also report the variational bound and ODE likelihood (bits/dim) of N held-out digits (0: skip).",
-    )
-    p.add_argument("--elbo_steps", type=int, default=100, help="Grid size of the variational bound.")
-    p.add_argument("--ode_tolerance", type=float, default=1e-3, help="rtol = atol of the ODE likelihood solver.")
+    likelihood = p.add_argument_group("likelihood", "The variational bound and the ODE likelihood, in bits/dim.")
+    likelihood.add_argument("--likelihood_samples", type=int, default=0, help="Held-out digits to score (0: skip).")
+    likelihood.add_argument("--elbo_steps", type=int, default=100, help="Grid size of the variational bound.")
+    likelihood.add_argument("--ode_tolerance", type=float, default=1e-3, help="rtol = atol of the ODE solver.")
     args = p.parse_args(argv)
     try:
         metrics = evaluate_folder(
