@@ -105,8 +105,8 @@ def test_score_sde_add_noise_is_the_sdes_own_marginal(sde_type):
     s = TutorialScoreSDEScheduler(sde_type=sde_type)
     x0, eps = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     t = torch.tensor([0.0, 412.5, 999.0], dtype=torch.float64)
-    alpha, sigma, _, _ = sde_marginal(sde_type, grids.half_log_snr_at(t, s.half_log_snr))
-    torch.testing.assert_close(s.add_noise(x0, eps, t), alpha[:, None] * x0 + sigma[:, None] * eps)
+    sqrt_alpha_bar, sigma, _, _ = sde_marginal(sde_type, grids.half_log_snr_at(t, s.half_log_snr))
+    torch.testing.assert_close(s.add_noise(x0, eps, t), sqrt_alpha_bar[:, None] * x0 + sigma[:, None] * eps)
     if sde_type == "ve":
         torch.testing.assert_close(sigma, torch.exp(-grids.half_log_snr_at(t, s.half_log_snr)))
     if sde_type == "vp":
