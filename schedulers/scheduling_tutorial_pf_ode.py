@@ -100,7 +100,7 @@ class TutorialPFODEScheduler(TutorialContinuousScheduler, SchedulerMixin, Config
         self.order = len(_TABLEAUS[solver][0])  # entries of `timesteps` per step, as diffusers' pipelines read it
 
     def _tabulate_grid(self, grid: torch.Tensor, half_log_snr: torch.Tensor, device) -> None:
-        """The stage points between the grid's nodes and the (step, stage) of every entry: N points make N - 1 steps."""
+        """The stage points between the grid's nodes and the (step, stage) of each entry; N points, N - 1 steps."""
         nodes = torch.tensor(_TABLEAUS[self.config.solver][0], dtype=torch.float64)
         sigma_bar = torch.exp(-half_log_snr)  # σ̄ = e^{-λ}, the natural variable
         # Stage s of step i sits at σ̄_i + c_s (σ̄_{i+1} - σ̄_i); the model is fed the timestep of that λ, and the

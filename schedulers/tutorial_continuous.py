@@ -7,11 +7,11 @@ arXiv:2206.00927) need a continuous ᾱ(t). Our definition, used by every file t
     λ(t) = ½ log SNR(t) is linear in t between consecutive integers (the table's λ_i at integer t = i),
     ᾱ(t) = sigmoid(2 λ(t)),  t ∈ [0, T-1],  and the model is fed the fractional timestep t itself.
 
-This is exactly diffusers' Euler/Heun convention (`_sigma_to_t` interpolates t linearly in log σ̄, and
-log σ̄ = -λ), so a network already sees such fractional timesteps there. At integer t it is the table itself, so
-an exact model of the table (`GaussianMixture.model`) is also exact for the continuous schedule once it reads ᾱ
-through `grids.alpha_bar_at` (see `GaussianMixture.model`). The probability-flow ODE only depends on t through λ, so the
-kinks of λ(t) at integers never reach the solvers: they integrate in λ (or σ̄ = e^{-λ}), where everything is smooth.
+This is exactly diffusers' Euler/Heun convention (`_sigma_to_t` interpolates t linearly in log σ̄, and log σ̄ = -λ), so
+a network already sees such fractional timesteps there. At integer t it is the table itself, so an exact model of the
+table (`GaussianMixture.model`) is also exact for the continuous schedule once it reads ᾱ through `grids.alpha_bar_at`
+(see `GaussianMixture.model`). The probability-flow ODE only depends on t through λ, so the kinks of λ(t) at integers
+never reach the solvers: they integrate in λ (or σ̄ = e^{-λ}), where everything is smooth.
 
 The sampled interval is t ∈ [0, T-1]: x_{T-1} ~ N(0, I) at the start, and the last model evaluation, at t = 0,
 returns the denoised x̂_0 (Tweedie's mean, the DDIM step to ᾱ = 1). The reference "exact" sample of a PF-ODE

@@ -8,10 +8,10 @@
   the trace exact or by Hutchinson's estimator (Grathwohl et al. 2018, arXiv:1810.01367), and uniform dequantisation
   of 8-bit data; integrated by `tutorial_ode.dormand_prince`.
 
-Plain functions beside the math: a model is any callable `model(x_t, t)` returning the network's output (ε, x_0 or v
-as `prediction_type` says) at integer or fractional timesteps t; a schedule is any scheduler, ours or diffusers' (see
-`schedule_of`). A leaf: it imports only `tutorial_math.py`, `tutorial_grids.py` and `tutorial_ode.py`. The pipelines expose these
-functions as `pipe.variational_bound`, `pipe.variational_bound_dataset` and `pipe.log_likelihood`.
+Plain functions beside the math: a model is any callable `model(x_t, t)` returning the network's output (ε, x_0 or v as
+`prediction_type` says) at integer or fractional timesteps t; a schedule is any scheduler, ours or diffusers' (see
+`schedule_of`). A leaf: it imports only `tutorial_math.py`, `tutorial_grids.py` and `tutorial_ode.py`. The pipelines
+expose these functions as `pipe.variational_bound`, `pipe.variational_bound_dataset` and `pipe.log_likelihood`.
 """
 
 import math

@@ -4,9 +4,10 @@ Song et al., "Score-Based Generative Modeling through SDEs", arXiv:2011.13456, e
 (dx/dλ = σ² x - σ ε̂, σ² = 1 - ᾱ) with the Dormand–Prince 5(4) pair (Dormand & Prince 1980) and error control;
 and `tune_timesteps`, which places a sampler's grid by the distance of its output to that reference.
 
-A leaf beside the samplers: it imports only `tutorial_math.py` and `tutorial_grids.py`. The samplers (`scheduling_tutorial_pf_ode.py`,
-`scheduling_tutorial_dpmpp.py`) do not need it to step; they re-export its names where they were first defined, and
-the likelihoods (`tutorial_likelihood.py`) reuse `pf_ode_field` and `dormand_prince`.
+A leaf beside the samplers: it imports only `tutorial_math.py` and `tutorial_grids.py`. The samplers
+(`scheduling_tutorial_pf_ode.py`, `scheduling_tutorial_dpmpp.py`) do not need it to step; they re-export its names
+where they were first defined, and the likelihoods (`tutorial_likelihood.py`) reuse `pf_ode_field` and
+`dormand_prince`.
 """
 
 import math
