@@ -21,7 +21,6 @@ diffusers, and whether ours got below `--target` (0.1). Each run is a subprocess
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -56,16 +55,14 @@ def child(which: str, steps: int, batch: int, quick: bool) -> None:
 
 
 def measure(which: str, steps: int, batch: int, quick: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--steps", str(steps), "--batch", str(batch)]
-    cmd += ["--quick"] if quick else []
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1"
-    )
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr[-3000:])
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    """One run in its own process, on the CPU."""
+    from bench_utils import run_child
+
+    argv = ["--child", which, "--steps", str(steps), "--batch", str(batch)] + (["--quick"] if quick else [])
+    result = run_child(os.path.abspath(__file__), argv, device="cpu")
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
 
 
 def main(argv=None) -> dict:

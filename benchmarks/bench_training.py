@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -217,31 +216,14 @@ def child(which: str, steps: int, eval_every: int, threshold: float, precision: 
 
 
 def measure(which: str, steps: int, eval_every: int, threshold: float, precision: str = "default") -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        which,
-        "--steps",
-        str(steps),
-        "--eval_every",
-        str(eval_every),
-        "--threshold",
-        str(threshold),
-        "--precision",
-        precision,
-    ]
-    res = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr[-3000:])
-    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    """One side's run in its own process (a clean peak-memory count)."""
+    from bench_utils import run_child
+
+    argv = ["--child", which, "--steps", str(steps), "--eval_every", str(eval_every), "--threshold", str(threshold)]
+    result = run_child(os.path.abspath(__file__), argv + ["--precision", precision], device="any")
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
 
 
 # The --mixed_precision each side runs with, per comparison ("default": the script's own default).

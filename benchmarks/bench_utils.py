@@ -101,7 +101,8 @@ def write_shapes_folder(folder: str, num_images: int, resolution: int, seed: int
 
 def run_child(script: str, child_argv: List[str], device: str) -> Dict:
     """Run `python script *child_argv` in a fresh process (a fresh CUDA context and a clean peak-memory count; no GPU
-    visible when `device` is `"cpu"`), offline, from the repository root.
+    visible when `device` is `"cpu"`, any other value leaves the devices as they are), offline, from the repository
+    root.
 
     Returns:
         The dict the child printed on its last `RESULT <json>` line, or `{"error": <end of its stderr>}` if it
