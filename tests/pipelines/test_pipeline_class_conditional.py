@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from custom_pipelines import TutorialClassConditionalPipeline
+from custom_pipelines import TutorialClassConditionalPipeline, sample_loop
 from schedulers import TutorialDDIMScheduler
 
 NUM_CLASSES = 3  # + the null class -> num_class_embeds = 4
@@ -36,12 +36,14 @@ def _hand_loop(unet, labels, w, seed=0):
     sched.set_timesteps(STEPS)
     labels = torch.tensor(labels)
     x = torch.randn(len(labels), 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def guided(x, t):
+        eps_c = unet(x, t, class_labels=labels).sample
+        eps_u = unet(x, t, class_labels=torch.full_like(labels, NUM_CLASSES)).sample
+        return eps_u + w * (eps_c - eps_u)
+
     with torch.no_grad():
-        for t in sched.timesteps:
-            eps_c = unet(x, t, class_labels=labels).sample
-            eps_u = unet(x, t, class_labels=torch.full_like(labels, NUM_CLASSES)).sample
-            x = sched.step(eps_u + w * (eps_c - eps_u), t, x).prev_sample
-    return x
+        return sample_loop(guided, sched, x)
 
 
 @pytest.mark.parametrize("w, batched", [(0.0, False), (1.0, False), (3.0, True), (0.5, True)])

@@ -17,6 +17,7 @@ from custom_pipelines import (
     TutorialImg2ImgPipeline,
     TutorialRePaintPipeline,
     TutorialUnconditionalPipeline,
+    sample_loop,
 )
 from schedulers import TutorialDDIMScheduler
 
@@ -117,7 +118,6 @@ def test_a_diffusers_style_loop_over_device_timesteps_reads_nothing_per_step(
         scheduler.set_timesteps(steps, device=META)
         x = torch.randn(2, 3, 8, 8, device=META)
         with torch.no_grad():
-            for t in scheduler.timesteps:
-                x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+            x = sample_loop(lambda x, t: unet(x, t).sample, scheduler, x)
         counts.append(len(host_reads))
     assert counts == [0, 0], f"host reads for 3 and 6 steps: {counts}"

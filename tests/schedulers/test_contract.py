@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, SchedulerMixin
 
 import schedulers
+from custom_pipelines import sample_loop
 from schedulers import (
     TutorialDDIMScheduler,
     TutorialDDPMScheduler,
@@ -205,10 +206,7 @@ def test_a_fresh_scheduler_steps_on_the_training_grid(scheduler_cls):
     assert float(s.timesteps[0]) == 29 and float(s.timesteps[-1]) == 0
     assert all(float(t).is_integer() for t in s.timesteps[:: s.order]) and len(s.timesteps) >= 30
     assert distinct[:3] == [29, 28, 27] or s.order > 1  # multi-stage methods add stage points in between
-    x = torch.randn(2, 3, 4, 4) * s.init_noise_sigma
-    kwargs = step_kwargs(s, torch.Generator().manual_seed(0))
-    for t in s.timesteps:
-        x = s.step(toy_model(s.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+    x = sample_loop(toy_model, s, torch.randn(2, 3, 4, 4), **step_kwargs(s, torch.Generator().manual_seed(0)))
     assert bool(torch.isfinite(x).all()) and s.step_index == len(s.timesteps)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from custom_pipelines import sample_loop
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
 
@@ -52,8 +53,7 @@ def test_a_fresh_scheduler_steps_on_the_full_training_grid(cls):
     outs = []
     for s in (fresh, explicit):
         g, x = torch.Generator().manual_seed(0), torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
-        for t in s.timesteps:
-            x = s.step(torch.tanh(x), t, x, generator=g).prev_sample
+        x = sample_loop(lambda x, t: torch.tanh(x), s, x, generator=g)
         outs.append(x)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
@@ -66,8 +66,7 @@ def test_fresh_ddpm_loop_equals_diffusers_fresh_loop():
     for s in (ours, ref):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, 3, 4, 4, generator=g)
-        for t in s.timesteps:
-            x = s.step(0.5 * x, t, x, generator=g).prev_sample
+        x = sample_loop(lambda x, t: 0.5 * x, s, x, generator=g)
         outs.append(x)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 

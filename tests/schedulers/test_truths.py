@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
+from custom_pipelines import sample_loop
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
 from schedulers.gaussian_mixture import GaussianMixture
@@ -176,10 +177,7 @@ def test_ddim_eta_zero_converges_to_the_probability_flow_ode_at_first_order():
     errors = []
     steps = (25, 50, 100, 200, 400)
     for n in steps:
-        ddim.set_timesteps(n)
-        x = x_T.clone()
-        for t in ddim.timesteps:
-            x = ddim.step(model(x, t), t, x).prev_sample
+        x = sample_loop(model, ddim, x_T, n)
         errors.append((x - reference).abs().max().item())
     slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
@@ -204,8 +202,7 @@ def test_ddim_inversion_round_trip_with_the_exact_model(prediction_type):
         for t in reversed(s.timesteps):
             x = s.inverse_step(model(x, t), t, x).prev_sample
         x_T = x
-        for t in s.timesteps:
-            x = s.step(model(x, t), t, x).prev_sample
+        x = sample_loop(model, s, x_T)
         errors.append((x - x0).abs().max().item())
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[-1] < 1e-2, errors
