@@ -166,9 +166,8 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
             self._history = []
         # 1. The data prediction x̂_0 at λ_i (DPM-Solver++ Sec. 4).
         x0, _ = self._x0_eps(model_output, sample, self._alpha_bar[i])
-        if (
-            i == len(self._half_log_snr) - 1
-        ):  # last entry: the step to σ = 0 returns Tweedie's x̂_0 (DDIM's step to ᾱ = 1)
+        # Last entry: the step to σ = 0 returns Tweedie's x̂_0 (DDIM's step to ᾱ = 1).
+        if i == len(self._half_log_snr) - 1:
             return (x0, x0) if not return_dict else TutorialSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
         self._history = (self._history + [(self._half_log_snr[i], x0)])[-self.config.solver_order :]
 

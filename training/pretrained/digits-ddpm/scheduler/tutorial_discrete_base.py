@@ -184,11 +184,11 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
         On the grid: the grid's own successor t' and the cached tables. Off the grid: diffusers' t' = t - T//N (x_0
         when negative) and a one-row table computed for it.
         """
-        i = tm.entry_index(timestep, self.timesteps)
+        grid = self._grid["timesteps"]  # the host copy of the grid set last
         if type(timestep) is int:
             t = timestep
-        elif i is not None and len(self.timesteps) == len(self._grid["timesteps"]):  # an entry of the grid set last:
-            t = int(self._grid["timesteps"][i])  # its value from the host copy (a device tensor is not read)
+        elif (entry := tm.entry_index(timestep, self.timesteps)) is not None and len(grid) == len(self.timesteps):
+            t = int(grid[entry])  # an entry of self.timesteps, read from the host copy (a device tensor is not read)
         elif torch.is_tensor(timestep) and not timestep.is_floating_point() and timestep.numel() == 1:
             t = int(timestep)  # an entry of self.timesteps: the common case, checked by the lookup below
         else:
