@@ -173,14 +173,14 @@ def train_row(row: str, s: dict, quick: bool, diffusers_script) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def _sampling_unets(quick: bool):
     import torch
-    from bench_utils import DIFFUSERS_DDPM_UNET, TINY_DDPM_UNET
+    from bench_utils import DIFFUSERS_DDPM_UNET, TINY_DDPM_UNET, unet_config
     from diffusers import UNet2DModel
 
     digits = os.path.join(ROOT, "training", "pretrained", "digits-ddpm")
     torch.manual_seed(0)
     size = 32 if quick else 64
     arch = TINY_DDPM_UNET if quick else DIFFUSERS_DDPM_UNET
-    default = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, **arch)
+    default = UNet2DModel.from_config(unet_config(arch, size))
     return {"digits": UNet2DModel.from_pretrained(digits, subfolder="unet"), f"default-{size}": default}
 
 
