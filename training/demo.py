@@ -11,6 +11,7 @@ time it took).
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -32,6 +33,8 @@ SAMPLERS = (
     ("ddim-10", TutorialDDIMScheduler, 10),
 )
 
+logger = logging.getLogger(__name__)
+
 
 def comparison_image(grids, titles, scale: int = 3) -> Image.Image:
     """The grids side by side, enlarged `scale` times, each with its title above it."""
@@ -50,6 +53,17 @@ def comparison_image(grids, titles, scale: int = 3) -> Image.Image:
 
 
 def main(argv=None):
+    """`make demo`: train (unless `--model`), then sample with each of `SAMPLERS`, evaluate and draw.
+
+    Each phase is logged as it starts (`logging`, INFO), and each sampler's sampling shows a progress bar on stderr
+    named after it (`"demo: ddpm-1000"`) that counts the denoising steps.
+
+    Args:
+        argv (`list[str]`, *optional*): the command line without the program name; defaults to `sys.argv[1:]`.
+
+    Returns:
+        `dict`: per sampler its `seconds` and `digits_metrics`, and `train_seconds` when it trained.
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--model", default=None, help="A pipeline folder to sample from instead of training one.")
@@ -66,6 +80,7 @@ def main(argv=None):
         from training import train_unconditional
 
         model_dir = os.path.join(args.output_dir, "model")
+        logger.info("demo: training a model into %s", model_dir)
         tic = time.perf_counter()
         train_unconditional.main(["--output_dir", model_dir, "--overwrite_output_dir", *args.train_args.split()])
         report["train_seconds"] = time.perf_counter() - tic
@@ -79,8 +94,9 @@ def main(argv=None):
     grids, titles = [], []
     for name, scheduler_cls, steps in SAMPLERS:
         scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        logger.info("demo: sampling %d images with %s, %d steps", args.num_samples, scheduler_cls.__name__, steps)
         tic = time.perf_counter()
-        samples = sample_sharded(unet, scheduler, args.num_samples, steps, seed=args.seed)
+        samples = sample_sharded(unet, scheduler, args.num_samples, steps, seed=args.seed, desc=f"demo: {name}")
         seconds = time.perf_counter() - tic
         metrics = digits_metrics(samples)
         report[name] = {"seconds": seconds, **metrics}
@@ -104,5 +120,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     torch.set_grad_enabled(False)
     main()

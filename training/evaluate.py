@@ -9,6 +9,7 @@ from `training.sampling.sample_sharded`; `--grid` draws them with `training.grid
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Dict, List, Optional
@@ -25,6 +26,8 @@ from training.errors import TrainingError
 from training.grids import save_grid
 from training.metrics import digits_metrics, likelihood_metrics
 from training.sampling import sample_sharded
+
+logger = logging.getLogger(__name__)
 
 
 class EvaluationError(TrainingError):
@@ -101,6 +104,9 @@ def evaluate_folder(
     Returns:
         `dict`: the metrics plus `scheduler`, `num_inference_steps`, `seconds`.
 
+    Each phase is logged as it starts (`logging`, INFO); the sampling shows a progress bar named
+    `"evaluation samples"` on stderr that counts the denoising steps.
+
     Raises:
         `EvaluationError`, before anything is sampled: a number out of range, a folder without `model_index.json`,
         `unet/` or `scheduler/`, a damaged JSON file (named), or a UNet that is not 1-channel.
@@ -121,6 +127,13 @@ def evaluate_folder(
     labels = None
     if pipe.unet.config.num_class_embeds:
         labels = torch.arange(num_samples) % min(pipe.unet.config.num_class_embeds - 1, DIGITS_NUM_CLASSES)
+    logger.info(
+        "evaluation: sampling %d images from %s with %s, %d steps",
+        num_samples,
+        folder,
+        type(sched).__name__,
+        num_inference_steps,
+    )
     tic = time.perf_counter()
     samples = sample_sharded(
         pipe.unet.eval(),
@@ -130,6 +143,7 @@ def evaluate_folder(
         seed,
         class_labels=labels,
         guidance_scale=guidance_scale,
+        desc="evaluation samples",
     )
     seconds = time.perf_counter() - tic
     if grid_path:
@@ -141,6 +155,12 @@ def evaluate_folder(
         **digits_metrics(samples, labels),
     }
     if likelihood_samples:
+        logger.info(
+            "evaluation: likelihoods of %d held-out digits (variational bound with %d steps, ODE with tolerance %g)",
+            likelihood_samples,
+            elbo_steps,
+            ode_tolerance,
+        )
         metrics.update(likelihood_metrics(pipe, likelihood_samples, elbo_steps, ode_tolerance, seed))
     return metrics
 
@@ -251,4 +271,5 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     main()

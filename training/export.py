@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Dict, List, Optional
@@ -14,6 +15,8 @@ from training.data import DIGITS_NUM_CLASSES
 from training.ema import EMA
 from training.output_folder import GRIDS, METRICS
 from training.settings import make_scheduler, uses_digits
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -33,12 +36,33 @@ def make_pipeline(unet, args: argparse.Namespace):
     return pipeline_cls(unet=unet, scheduler=make_scheduler(args, args.validation_scheduler))
 
 
-def validation_samples(accelerator, unet, args, num_samples: int) -> torch.Tensor:
-    """`num_samples` samples in [-1, 1], sharded over processes and gathered (identical to a 1-process run)."""
+def validation_samples(
+    accelerator, unet, args, num_samples: int, desc: Optional[str] = "validation samples"
+) -> torch.Tensor:
+    """`num_samples` samples in [-1, 1], sharded over processes and gathered (identical to a 1-process run).
+
+    Args:
+        accelerator (`Accelerator`): its processes share the sampling. unet (`UNet2DModel`): the denoiser.
+        args (`Settings`): `validation_scheduler`, `ddpm_num_inference_steps`, `seed`, `guidance_scale`,
+            `num_class_embeds`.
+        num_samples (`int`): how many samples in all.
+        desc (`str`, *optional*, defaults to `"validation samples"`): the progress bar's name (shown on the local
+            main process); None: no bar.
+
+    Returns:
+        `torch.Tensor`: (num_samples, C, H, W) in [-1, 1], on the CPU, on every process.
+    """
     from training.sampling import sample_sharded
 
     scheduler = make_scheduler(args, args.validation_scheduler)
     labels = samples_labels(args, num_samples)
+    if accelerator.is_local_main_process:
+        logger.info(
+            "validation: sampling %d images with %s, %d steps",
+            num_samples,
+            type(scheduler).__name__,
+            args.ddpm_num_inference_steps,
+        )
     return sample_sharded(
         unet,
         scheduler,
@@ -48,24 +72,38 @@ def validation_samples(accelerator, unet, args, num_samples: int) -> torch.Tenso
         accelerator=accelerator,
         class_labels=labels,
         guidance_scale=args.guidance_scale,
+        desc=desc,
     )
 
 
 def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[str] = None):
-    """Sample with the EMA weights, save a grid, and on the digits compute the metrics; returns (metrics, samples)."""
+    """Sample with the EMA weights, save a grid, and on the digits compute the metrics; returns (metrics, samples).
+
+    The sampling shows a progress bar named `"validation samples (<name>)"` on the local main process.
+
+    Args:
+        accelerator (`Accelerator`): the run's. model (`torch.nn.Module`): the trained (possibly wrapped) UNet.
+        ema (`EMA`, *optional*): its weights are sampled from, if any.
+        args (`Settings`): the run's settings. state: the run's counters (`global_step`).
+        writer: a TensorBoard writer, or None.
+        name (`str`, *optional*): the grid's file name without `.png`; defaults to `step_<global_step>`.
+
+    Returns:
+        `tuple`: (`dict` of metrics with `"step"`, `torch.Tensor` of samples in [-1, 1]).
+    """
     from training.grids import save_grid
     from training.metrics import digits_metrics
 
     unet = accelerator.unwrap_model(model)
     was_training = unet.training
     unet.eval()
+    name = name or f"step_{state.global_step:06d}"
     with ema_weights(unet, ema):
         n = args.eval_num_samples or args.eval_batch_size
-        samples = validation_samples(accelerator, unet, args, n)
+        samples = validation_samples(accelerator, unet, args, n, desc=f"validation samples ({name})")
     unet.train(was_training)
     metrics = {"step": state.global_step}
     if accelerator.is_main_process:
-        name = name or f"step_{state.global_step:06d}"
         save_grid(samples[: args.eval_batch_size], os.path.join(args.output_dir, GRIDS, f"{name}.png"), scale=4)
         if writer is not None:
             writer.add_images("samples", (samples[:64] / 2 + 0.5).clamp(0, 1), state.global_step)
@@ -83,9 +121,21 @@ def samples_labels(args, n: int) -> Optional[torch.Tensor]:
 
 
 def save_pipeline(accelerator, model, ema, args, samples: Optional[torch.Tensor], card_text: str):
-    """Write the self-contained pipeline folder (EMA weights in) to `output_dir` (main process only)."""
+    """Write the self-contained pipeline folder (EMA weights in) to `output_dir` (main process only).
+
+    Args:
+        accelerator (`Accelerator`): the run's. model (`torch.nn.Module`): the trained (possibly wrapped) UNet.
+        ema (`EMA`, *optional*): its weights are the ones saved, if any.
+        args (`Settings`): the run's settings (`output_dir`, the validation scheduler, `ddpm_num_inference_steps`).
+        samples (`torch.Tensor`, *optional*): samples in [-1, 1] for the model card's grid.
+        card_text (`str`): the model card's training section.
+
+    Returns:
+        the saved pipeline on the main process, None on the others.
+    """
     if not accelerator.is_main_process:
         return None
+    logger.info("saving the pipeline folder to %s", args.output_dir)
     unet = accelerator.unwrap_model(model)
     with ema_weights(unet, ema):
         export = UNet2DModel.from_config(unet.config)

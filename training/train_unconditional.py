@@ -278,12 +278,15 @@ def run_training(settings, accelerator, dataset, model, resume_path, saved, chan
     final = {}
     if not interrupted:
         if run.state.global_step % settings.checkpointing_steps != 0:
+            logger.info("final checkpoint: saving checkpoint-%d", run.state.global_step)
             save_checkpoint(run, settings.output_dir)
             discard_previous_run(accelerator, settings)
+        logger.info("final evaluation at update %d", run.state.global_step)
         final, samples = evaluate_now(accelerator, run.model, run.ema, settings, run.state, writer, name="final")
         card = model_card_text(settings, argv, final)
         pipe = save_pipeline(accelerator, run.model, run.ema, settings, samples, card)
         if settings.push_to_hub and accelerator.is_main_process:
+            logger.info("pushing the pipeline folder to the Hub")
             push(pipe, settings, samples, card)
     write_metrics(accelerator, settings, run.state, history, final, interrupted)
     # Tear down in order: every process done, DDP (which holds the process group) freed, then the group destroyed.
