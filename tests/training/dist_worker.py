@@ -1,8 +1,9 @@
-"""Run by `accelerate launch` in test_distributed.py: trains, then dumps what each rank holds for the test to compare.
+"""Run by `accelerate launch` in test_distributed.py and test_multinode.py: trains, then dumps what each rank holds.
 
 Seams (no change to the script): `save_pipeline` is wrapped (it runs on every rank at the end) to dump the weights,
-the EMA, and sharded vs serial validation samples; `diffusion_loss` to record which images each rank saw; `open`
-to record which files each rank wrote.
+the EMA, sharded vs serial validation samples and where the rank sits (process index, local index, machine rank);
+`diffusion_loss` to record the images of each micro-batch the rank trained on; `open` to record which files each
+rank wrote. The dump goes to `$DIST_DUMP/rank<process_index>.pt`.
 """
 
 import builtins
@@ -28,7 +29,7 @@ def recording_open(file, mode="r", *args, **kwargs):
 
 
 def recording_loss(model, noise_scheduler, batch, *args, **kwargs):
-    seen.append(batch["images"].flatten(1).sum(1).cpu())
+    seen.append(batch["images"].flatten(1).cpu().clone())  # (batch, pixels): the test finds each image's index
     return real_loss(model, noise_scheduler, batch, *args, **kwargs)
 
 
@@ -48,6 +49,10 @@ def dumping_save_pipeline(accelerator, model, ema, args, samples, card_text):
             "seen": seen,
             "written": list(written),
             "num_processes": accelerator.num_processes,
+            "process_index": accelerator.process_index,
+            "local_process_index": accelerator.local_process_index,
+            "is_main_process": accelerator.is_main_process,
+            "machine_rank": int(os.environ.get("GROUP_RANK", "0")),  # torchrun's node rank (--machine_rank)
         },
         os.path.join(DUMP, f"rank{accelerator.process_index}.pt"),
     )

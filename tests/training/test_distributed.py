@@ -18,6 +18,23 @@ from .conftest import ROOT, read_losses, subprocess_env, tiny_args
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
 
+def dataset_indices(batches, images: torch.Tensor) -> list:
+    """The row of `images` (N, C, H, W) that each image of the recorded micro-batches is (no flips: exact match)."""
+    seen = torch.cat(batches)
+    match = (seen[:, None, :] == images.flatten(1)[None]).all(-1)
+    assert match.sum(1).eq(1).all(), "an image the rank trained on is not exactly one image of the dataset"
+    return match.int().argmax(1).tolist()
+
+
+def assert_each_image_once(rank0_batches, rank1_batches, n: int) -> None:
+    """One epoch of two ranks: disjoint images that together are each of the first `n` training images once."""
+    data, _ = load_digits_tensors(8, "train")
+    assert len(data[:n].flatten(1).unique(dim=0)) == n  # the digits' first n images are distinct: indices are exact
+    i0, i1 = dataset_indices(rank0_batches, data[:n]), dataset_indices(rank1_batches, data[:n])
+    assert not set(i0) & set(i1), "the two ranks trained on the same image in one epoch"
+    assert sorted(i0 + i1) == list(range(n)), "an image was skipped or repeated in the epoch"
+
+
 def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_config):
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
@@ -59,11 +76,14 @@ def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_co
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
     assert all(torch.equal(a, b) for a, b in zip(r0["ema"], r1["ema"]))
 
-    # Each rank saw different images; in the first epoch (4 micro-batches of 8 per rank) together all 64, once.
-    data, _ = load_digits_tensors(8, "train")
-    expected = sorted(data[:64].flatten(1).sum(1).tolist())
-    first_epoch = torch.cat(r0["seen"][:4] + r1["seen"][:4]).tolist()
-    assert sorted(first_epoch) == expected and len(r0["seen"]) == len(r1["seen"]) == 8
+    assert (r0["process_index"], r1["process_index"]) == (0, 1)
+    assert (r0["local_process_index"], r1["local_process_index"]) == (0, 1)
+
+    # 8 micro-batches of 8 per rank: two epochs of 4 per rank. In each epoch the ranks saw disjoint images and
+    # together every one of the 64 exactly once.
+    assert len(r0["seen"]) == len(r1["seen"]) == 8
+    for epoch in range(2):
+        assert_each_image_once(r0["seen"][4 * epoch : 4 * epoch + 4], r1["seen"][4 * epoch : 4 * epoch + 4], 64)
 
     # The effective batch: 8 per process x 2 processes x 2 accumulation steps = 32 images per update.
     with open(out / "metrics.json") as f:
