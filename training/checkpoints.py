@@ -197,6 +197,7 @@ def write_checkpoint(
     tensors: Dict[str, Dict[str, torch.Tensor]],
     state: Dict,
     total_limit: Optional[int] = None,
+    process_state: Optional[Dict] = None,
 ) -> str:
     """Write `checkpoint-<step>` atomically (every process takes part; only the main process writes shared files).
 
@@ -207,6 +208,8 @@ def write_checkpoint(
         tensors (`dict`): file name -> {name: tensor}, e.g. {"model.safetensors": model.state_dict()}.
         state (`dict`): the JSON-able training state (`training_state.json`).
         total_limit (`int`, *optional*): keep at most this many checkpoints of the current branch.
+        process_state (`dict`, *optional*): this process's own JSON-able state (a stream's position), written with
+            its random states.
 
     Returns:
         `str`: the checkpoint folder.
@@ -217,7 +220,7 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    _write_json(os.path.join(tmp, RNG_FILE.format(accelerator.process_index)), rng_state())
+    _write_json(os.path.join(tmp, RNG_FILE.format(accelerator.process_index)), {**rng_state(), "data": process_state})
     if accelerator.is_main_process:
         for name, named in tensors.items():
             if not ALLOWED_FILES.match(name):
@@ -315,7 +318,13 @@ def save_checkpoint(run, output_dir: str) -> str:
         "grad_scaler": None if scaler is None else scaler.state_dict(),
     }
     return write_checkpoint(
-        accelerator, output_dir, run.state.global_step, tensors, state, run.settings.checkpoints_total_limit
+        accelerator,
+        output_dir,
+        run.state.global_step,
+        tensors,
+        state,
+        run.settings.checkpoints_total_limit,
+        process_state=run.batches.state_dict(),
     )
 
 
@@ -389,6 +398,8 @@ def load_checkpoint(run, path: str, saved: Tuple[Dict, Dict, Optional[Dict]]) ->
     scheduler._last_lr = lrs
     if rng is not None:
         set_rng_state(rng)
+        if rng.get("data"):
+            run.batches.load_state_dict(rng["data"])
     if state.get("num_processes") != run.accelerator.num_processes:
         logger.warning(
             "checkpoint %s was written by %s process(es), resuming with %s: the data order differs.",

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 from schedulers import tutorial_math as tm
+from training.data import DATA_LOADINGS
 from training.model import load_unet_config
 from training.precision import MIXED_PRECISIONS, resolve_mixed_precision, uses_cpu
 
@@ -60,6 +61,7 @@ RUN_DEFINING_FLAGS = (
     "random_flip",
     "num_channels",
     "max_train_samples",
+    "streaming",
     "image_column",
     "label_column",
     "prediction_type",
@@ -101,7 +103,43 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--center_crop", action="store_true", help="Center crop after resizing (default: random crop).")
     p.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes per training process; default: from the CPU count on the workers path "
+        "(cores shared by the local processes, one left for training, at most 8), 0 in memory, at most 2 on a cache.",
+    )
+    p.add_argument(
+        "--data_loading",
+        type=str,
+        default="auto",
+        choices=DATA_LOADINGS,
+        help="Where the images are held: 'memory' (decoded once into RAM), 'workers' (decoded per batch in "
+        "DataLoader workers), 'cache' (decoded once into a uint8 cache under --data_cache_dir, memory-mapped by "
+        "every process, reused by later runs); 'auto': a cache built before, else RAM up to 256 MiB of pixels, "
+        "else workers. The log says which path runs and why.",
+    )
+    p.add_argument(
+        "--data_cache_dir",
+        type=str,
+        default=None,
+        help="Where --data_loading cache keeps its caches (one folder per data and shaping flags; delete it to "
+        "clear them); default $DIFFUSION_TUTORIAL_DATA_CACHE or ~/.cache/diffusion-tutorial/data.",
+    )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream a datasets dataset (a Hub name, a folder of parquet/webdataset shards, or --train_data_dir) "
+        "instead of indexing it: each process reads its own shards through a shuffle buffer; needs "
+        "--max_train_steps.",
+    )
+    p.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: the size of the shuffle buffer of each process.",
+    )
     # ---- data (additions) ----
     p.add_argument(
         "--num_channels",
@@ -282,6 +320,7 @@ def check_args(args: argparse.Namespace) -> None:
         "save_model_epochs",
         "checkpointing_steps",
         "logging_steps",
+        "shuffle_buffer_size",
     )
     for name in positive:
         if getattr(args, name) < 1:
@@ -296,6 +335,17 @@ def check_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)!r} must be >= 1 when given.")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers={args.dataloader_num_workers!r} must be >= 0.")
+    if args.streaming:
+        if uses_digits(args):
+            raise ValueError("--streaming needs --dataset_name (a datasets name or folder) or --train_data_dir.")
+        if args.max_train_steps is None:
+            raise ValueError("--streaming needs --max_train_steps: a stream has no length to count epochs in.")
+        if args.data_loading != "auto":
+            raise ValueError(f"--data_loading={args.data_loading!r} does not apply to --streaming; leave it 'auto'.")
+        if args.data_on_device == "yes":
+            raise ValueError("--data_on_device='yes' needs the whole dataset at hand; a stream is read as it goes.")
     if args.lr_warmup_steps is not None and args.lr_warmup_steps < 0:
         raise ValueError(f"--lr_warmup_steps={args.lr_warmup_steps!r} must be >= 0.")
     floats = {  # name: (low, high, low inclusive); every float flag must be finite

@@ -255,8 +255,8 @@ def run_training(settings, accelerator, dataset, model, resume_path, saved, chan
         if accelerator.is_main_process and settings.logger == "tensorboard":
             writer = accelerator.get_tracker("tensorboard", unwrap=True)
     logger.info(
-        "%d images, %d update(s) of %d images (%d per process x %d process(es) x %d accumulation); lr %g (%s defaults)",
-        len(dataset),
+        "%s images, %d update(s) of %d images (%d per process x %d process(es) x %d accumulation); lr %g (%s defaults)",
+        "streamed" if settings.streaming else len(dataset),
         total_steps,
         settings.train_batch_size * accelerator.num_processes * settings.gradient_accumulation_steps,
         settings.train_batch_size,

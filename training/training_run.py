@@ -7,6 +7,8 @@ different kernel), so the loop does not know about them.
 """
 
 import logging
+import os
+import uuid
 from typing import Dict
 
 import torch
@@ -14,7 +16,8 @@ from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from training.data import DeviceBatches, EpochSampler, build_dataset
+from training.data import DeviceBatches, EpochSampler, build_dataset, default_cache_dir
+from training.data.streaming import StreamBatches, open_stream
 from training.ema import EMA
 from training.errors import TrainingError
 from training.precision import use_float32_attention
@@ -57,6 +60,9 @@ class LoaderBatches:
         return len(self.dataloader)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def state_dict(self) -> Dict:
         return {}
 
     def epoch(self, epoch: int, skip: int = 0):
@@ -111,35 +117,55 @@ class TrainingRun:
         return found
 
 
+def run_token(accelerator: Accelerator) -> str:
+    """A string that every process of this run agrees on (the main process draws it)."""
+    token = [uuid.uuid4().hex]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token, from_process=0)
+    return token[0]
+
+
 def load_training_data(settings: Settings, accelerator: Accelerator):
-    """The training set, decoded once (errors in the data are `TrainingError`s naming the file or flag)."""
+    """The training set on the path `build_dataset` chooses (logged with its reason). Errors in the data are
+    `TrainingError`s naming the file or flag. A missing uint8 cache is built by each machine's main process while
+    the others wait for it."""
+    logger.info("data: opening %s", settings.train_data_dir or settings.dataset_name or "the built-in digits")
+    cache_dir = settings.data_cache_dir or default_cache_dir()
     try:
-        dataset = build_dataset(
-            settings.dataset_name,
-            settings.train_data_dir,
-            settings.resolution,
-            settings.num_channels,
-            settings.center_crop,
-            settings.random_flip,
-            settings.dataset_config_name,
-            settings.cache_dir,
-            settings.skip_broken_images,
-            settings.seed,
-            settings.image_column,
-            settings.label_column,
-        )
-    except ValueError as err:
+        if settings.streaming:
+            dataset = open_stream(settings, accelerator.process_index, accelerator.num_processes)
+        else:
+            dataset = build_dataset(
+                settings.dataset_name,
+                settings.train_data_dir,
+                settings.resolution,
+                settings.num_channels,
+                settings.center_crop,
+                settings.random_flip,
+                settings.dataset_config_name,
+                settings.cache_dir,
+                settings.skip_broken_images,
+                settings.seed,
+                settings.image_column,
+                settings.label_column,
+                max_train_samples=settings.max_train_samples,
+                data_loading=settings.data_loading,
+                data_cache_dir=cache_dir,
+                num_workers=settings.dataloader_num_workers,
+                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+                builder=accelerator.is_local_main_process,
+                failure_marker=os.path.join(cache_dir, f".failed-{run_token(accelerator)}"),
+            )
+    except (ValueError, OSError) as err:
         raise TrainingError(str(err)) from err
+    logger.info("data path: %s (%s); %d DataLoader worker(s)", dataset.path, dataset.reason, dataset.num_workers)
     if dataset.num_skipped:
         logger.warning("skipped %d unreadable image file(s) (--skip_broken_images).", dataset.num_skipped)
-    if settings.max_train_samples is not None:
-        dataset.images, dataset.labels = (
-            dataset.images[: settings.max_train_samples],
-            (None if dataset.labels is None else dataset.labels[: settings.max_train_samples]),
-        )
     if settings.num_class_embeds and dataset.labels is None:
         raise TrainingError("--num_class_embeds needs labels, and the dataset has no label column.")
-    if len(dataset) < settings.train_batch_size * accelerator.num_processes:
+    if not settings.streaming and len(dataset) < settings.train_batch_size * accelerator.num_processes:
         raise TrainingError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
             f"(--train_batch_size={settings.train_batch_size} x {accelerator.num_processes} processes)."
@@ -148,29 +174,32 @@ def load_training_data(settings: Settings, accelerator: Accelerator):
 
 
 def keeps_data_on_device(settings: Settings, dataset, device: torch.device) -> bool:
-    """`--data_on_device`: 'yes' needs the images as one tensor; 'auto' also needs them to fit on the device."""
-    if not settings.data_on_device:
+    """`--data_on_device`: 'yes' needs the images as one tensor; 'auto' also needs them to fit on the device (their
+    stored size: uint8 for image files)."""
+    if not settings.data_on_device or settings.streaming:
         return False
-    if not torch.is_tensor(dataset.images):
+    images = dataset.device_images()
+    if images is None:
         if settings.requested_data_on_device == "yes":
             raise TrainingError(
-                "--data_on_device='yes' needs images of one size, and some are not square at --resolution "
-                f"{settings.resolution} (they are cropped at random every epoch): pass --center_crop, or "
-                "--data_on_device no."
+                f"--data_on_device='yes' needs every image held at one size, and the {dataset.path} path holds "
+                f"images that are not square at --resolution {settings.resolution} or not held at all: pass "
+                "--center_crop with --data_loading memory or cache, or --data_on_device no."
             )
         return False
     if settings.requested_data_on_device == "auto" and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-        if dataset.images.nbytes > DATA_ON_DEVICE_MAX_FRACTION * free:
-            logger.info(
-                "the images take %.1f GB: kept on the host (--data_on_device auto)", dataset.images.nbytes / 1e9
-            )
+        if images.nbytes > DATA_ON_DEVICE_MAX_FRACTION * free:
+            logger.info("the images take %.1f GB: kept on the host (--data_on_device auto)", images.nbytes / 1e9)
             return False
     return True
 
 
 def make_batches(settings: Settings, accelerator: Accelerator, dataset):
-    """`DeviceBatches` when the images stay on the device (`keeps_data_on_device`), else a prepared DataLoader."""
+    """`DeviceBatches` when the images stay on the device (`keeps_data_on_device`), `StreamBatches` for a stream,
+    else a prepared DataLoader with the dataset's workers."""
+    if settings.streaming:
+        return StreamBatches(dataset, settings.train_batch_size, accelerator.device)
     if keeps_data_on_device(settings, dataset, accelerator.device):
         return DeviceBatches(
             dataset,
@@ -185,8 +214,9 @@ def make_batches(settings: Settings, accelerator: Accelerator, dataset):
         dataset,
         batch_size=settings.train_batch_size,
         sampler=sampler,
-        num_workers=settings.dataloader_num_workers,
+        num_workers=dataset.num_workers,
         drop_last=True,
+        pin_memory=accelerator.device.type == "cuda",
     )
     return LoaderBatches(accelerator, accelerator.prepare(dataloader), sampler)
 

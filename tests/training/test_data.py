@@ -44,15 +44,29 @@ def _write_images(folder, n=4, size=(12, 10)):
         Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
 
 
-def test_image_folder_is_decoded_once_and_resized(tmp_path, monkeypatch):
-    _write_images(tmp_path / "imgs" / "sub")
+def _count_decodes(monkeypatch):
+    from training.data import decode, image_sets
+
     calls = []
-    original = data.pil_to_tensor
-    monkeypatch.setattr(data, "pil_to_tensor", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = decode.decode_array
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_array", counting)
+    monkeypatch.setattr(image_sets, "decode_array", counting)
+    return calls
+
+
+def test_small_image_folder_is_decoded_once_into_uint8_and_resized(tmp_path, monkeypatch):
+    _write_images(tmp_path / "imgs" / "sub")
+    calls = _count_decodes(monkeypatch)
     ds = data.build_dataset(
         train_data_dir=str(tmp_path / "imgs"), resolution=8, channels=3, center_crop=True, random_flip=True
     )
-    assert len(calls) == 4 and isinstance(ds.images, torch.Tensor) and ds.images.shape == (4, 3, 8, 8)
+    assert ds.path == "memory" and "held in RAM" in ds.reason
+    assert len(calls) == 4 and ds.images.dtype == torch.uint8 and ds.images.shape == (4, 3, 8, 8)
     for epoch in range(3):  # epochs only index the cached tensor
         ds.set_epoch(epoch)
         _ = [ds[i] for i in range(len(ds))]
@@ -62,9 +76,8 @@ def test_image_folder_is_decoded_once_and_resized(tmp_path, monkeypatch):
     first = torch.stack([ds[i]["images"] for i in range(4)])
     ds.set_epoch(1)
     assert torch.equal(first, torch.stack([ds[i]["images"] for i in range(4)]))
-    flipped_or_not = [
-        torch.equal(f, ds.images[i]) or torch.equal(f, ds.images[i].flip(-1)) for i, f in enumerate(first)
-    ]
+    stored = data.to_model_range(ds.images)
+    flipped_or_not = [torch.equal(f, stored[i]) or torch.equal(f, stored[i].flip(-1)) for i, f in enumerate(first)]
     assert all(flipped_or_not)
 
 
@@ -102,10 +115,17 @@ def test_save_to_disk_folder_loads_offline_with_labels(tmp_path):
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
     )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
-    built = data.build_dataset(dataset_name=str(tmp_path / "saved"), resolution=8, channels=1)
-    assert built.images.shape == (5, 1, 8, 8) and built.labels.tolist() == [0, 1, 2, 3, 4]
     expected = torch.from_numpy(np.asarray(images[2], dtype=np.float32) / 255 * 2 - 1)
-    torch.testing.assert_close(built.images[2, 0], expected)
+    for data_loading in ("memory", "workers", "cache"):
+        built = data.build_dataset(
+            dataset_name=str(tmp_path / "saved"),
+            resolution=8,
+            channels=1,
+            data_loading=data_loading,
+            data_cache_dir=str(tmp_path / "cache"),
+        )
+        assert built.path == data_loading and len(built) == 5 and built.labels.tolist() == [0, 1, 2, 3, 4]
+        assert torch.equal(built[2]["images"][0], expected) and int(built[2]["labels"]) == 2
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():

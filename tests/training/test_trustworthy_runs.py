@@ -279,11 +279,18 @@ def test_sixteen_bit_pngs_train_on_their_full_range(tmp_path, tiny_config):
     assert Image.open(folder / "0.png").mode in ("I;16", "I")
     from training.data import build_dataset
 
-    images = build_dataset(train_data_dir=str(folder), resolution=8, channels=1, center_crop=True).images
+    def items(channels, data_loading):
+        ds = build_dataset(
+            train_data_dir=str(folder), resolution=8, channels=channels, center_crop=True, data_loading=data_loading
+        )
+        return torch.stack([ds[i]["images"] for i in range(len(ds))])
+
+    images = items(1, "memory")
     assert images.min() == -1 and images.max() == 1
     assert abs(float(images.mean())) < 0.05 and float((images >= 0.999).float().mean()) < 0.05  # not saturated
-    rgb = build_dataset(train_data_dir=str(folder), resolution=8, channels=3, center_crop=True).images
+    rgb = items(3, "memory")
     assert rgb.shape == (16, 3, 8, 8) and torch.equal(rgb[:, 0], images[:, 0])
+    assert torch.equal(items(1, "workers"), images)  # decoded per item: the same 16-bit values
     result = tu.main(
         tiny_args(
             tiny_config,
