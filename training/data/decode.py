@@ -67,13 +67,13 @@ def image_to_array(image: Image.Image, resolution: int, channels: int, center_cr
         top = HIGH_BIT_DEPTH_MODES[image.mode]
         low, high = image.getextrema()
         if low < 0 or high > top:
-            raise ValueError(
+            raise BrokenImageError(
                 f"image {name} has mode {image.mode!r} with values in [{low}, {high}], outside the 16-bit range "
                 f"[0, {top}]; convert it to 8- or 16-bit first."
             )
         image, scale = image.convert("F"), float(top)
     elif image.mode == "F":
-        raise ValueError(
+        raise BrokenImageError(
             f"image {name} has mode 'F' (32-bit floating point), whose value range is unknown; convert it to "
             "an 8- or 16-bit image first."
         )
