@@ -102,3 +102,16 @@ def test_bench_pipelines_quick():
     for case in ("ours + TutorialDDIMScheduler", "diffusers DDIMPipeline", "ours + TutorialDDPMScheduler"):
         assert f"| {case} |" in stdout
     assert "| channels_last |" in stdout
+
+
+def test_bench_data_quick(tmp_path):
+    out = tmp_path / "data.json"
+    stdout = _run("bench_data.py", "--quick", "--work_dir", str(tmp_path / "work"), "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    for n in (48, 96):
+        runs = {row["path"]: row for row in rows if row["num_images"] == n}
+        assert set(runs) == {"diffusers", "memory", "workers", "cache-first", "cache-rerun"}
+        for row in runs.values():
+            for key in ("peak_mb", "self_mb", "first_update_s", "first_batch_s", "items_per_s"):
+                assert row[key] > 0, (row["path"], key)
+    assert "goals of issue 20" in stdout and "ours / diffusers" in stdout
