@@ -153,7 +153,7 @@ def build_dataset(
             channels,
             center_crop,
             skip_broken_images,
-            max(1, workers or os.cpu_count() or 1),
+            workers or max(1, (os.cpu_count() or 1) // max(1, local_processes)),  # every local process decodes
             "decoding images",
             disable=not builder,
         )

@@ -100,8 +100,8 @@ def decode_array(source, name: str, resolution: int, channels: int, center_crop:
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """Pixels to the model's [-1, 1]: uint8 as `x / 255 * 2 - 1`, float32 in [0, 1] as `x * 2 - 1`."""
     if x.dtype == torch.uint8:
-        return x.float() / 255.0 * 2 - 1
-    return x.float().clamp(0, 1) * 2 - 1
+        return x.float().div_(255.0).mul_(2).sub_(1)  # x / 255 * 2 - 1, in place on the new float tensor
+    return x.float().clamp(0, 1).mul_(2).sub_(1)
 
 
 def pil_to_tensor(image: Image.Image, resolution: int, channels: int, center_crop: bool, name: str = "image"):
