@@ -16,8 +16,12 @@ file (a user's notes, data, scripts) is never moved or deleted.
 import os
 import re
 import shutil
+import socket
 import tempfile
+import uuid
 from typing import List
+
+from accelerate.utils import broadcast_object_list, gather_object
 
 from training.errors import TrainingError
 
@@ -58,6 +62,38 @@ def check_output_dir(output_dir: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise TrainingError(f"--output_dir={output_dir!r} is not writable: {err}.") from err
+
+
+def check_shared_output_dir(accelerator, output_dir: str) -> None:
+    """Refuse a run of several processes that do not all see the same `--output_dir` (one shared filesystem).
+
+    Every process writes its random states into the checkpoint folder that the main process creates, and reads the
+    checkpoint back on resume: on separate disks one node would crash at the first checkpoint while the others hang,
+    or resume alone. The main process writes a marker with a fresh name, every process looks for that name in its own
+    `--output_dir`, and all raise together if any could not see it. Every process runs the same two collectives (a
+    broadcast, a gather); a single process runs none. Leaves the folder as it found it.
+    """
+    if accelerator.num_processes == 1:
+        return
+    name, created = [None], False
+    if accelerator.is_main_process:
+        created = not os.path.isdir(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        name[0] = f".shared-check-{uuid.uuid4().hex}"
+        open(os.path.join(output_dir, name[0]), "w").close()
+    marker = os.path.join(output_dir, broadcast_object_list(name)[0])  # in this process's --output_dir
+    seen = gather_object([(accelerator.process_index, socket.gethostname(), os.path.exists(marker))])
+    if accelerator.is_main_process:  # every process has looked: the gather waited for all of them
+        os.remove(marker)
+        if created:
+            os.rmdir(output_dir)
+    blind = [f"process {rank} on {host}" for rank, host, found in seen if not found]
+    if blind:
+        raise TrainingError(
+            f"--output_dir={output_dir!r} is not the same folder on every node: {', '.join(blind)} could not see a "
+            "file the main process wrote there. With several machines, --output_dir must be on a filesystem shared "
+            "by every node (e.g. NFS); nothing was written."
+        )
 
 
 def owned_entries(output_dir: str, logging_dir: str) -> List[str]:

@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch training/tr
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
 from schedulers import tutorial_math as tm
@@ -195,12 +195,10 @@ def train(
             "%s: restored the run that an interrupted --overwrite_output_dir had set aside.", args.output_dir
         )
     accelerator.wait_for_everyone()
-    if (
-        os.path.isdir(settings.output_dir)
-        and os.listdir(settings.output_dir)
-        and not settings.overwrite_output_dir
-        and settings.resume_from_checkpoint is None
-    ):
+    output_folder.check_shared_output_dir(accelerator, settings.output_dir)
+    not_empty = os.path.isdir(settings.output_dir) and bool(os.listdir(settings.output_dir))
+    not_empty = broadcast_object_list([not_empty])[0]  # the main process decides, so every process raises or none
+    if not_empty and not settings.overwrite_output_dir and settings.resume_from_checkpoint is None:
         raise TrainingError(
             f"--output_dir={settings.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
             "or --resume_from_checkpoint latest."

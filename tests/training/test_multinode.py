@@ -9,6 +9,8 @@ global main process writes the pipeline, metrics and checkpoints, but every proc
 (`random_states_<rank>.json`) into the checkpoint folder that the main process created, and on resume every process
 reads the checkpoint back. So the test gives both nodes one output folder, and each its own dump folder (its local
 disk).
+
+Nodes that do not share `--output_dir` are refused at the start, by every process together.
 """
 
 import json
@@ -62,12 +64,12 @@ def launch_node(machine_rank: int, port: int, argv: list, dump, log) -> subproce
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_all(procs, timeout: float) -> list:
-    """Return codes of `procs`; past `timeout` seconds, or as soon as one fails, every process group is killed."""
+def wait_all(procs, timeout: float, fail_fast: bool = True) -> list:
+    """Return codes of `procs`; past `timeout` seconds (or, with `fail_fast`, once one fails) the rest are killed."""
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+            if time.monotonic() > deadline or (fail_fast and any(p.poll() not in (None, 0) for p in procs)):
                 break
             time.sleep(0.2)
     finally:
@@ -123,3 +125,27 @@ def test_two_simulated_nodes_read_disjoint_data_and_stay_in_sync(tmp_path, tiny_
         metrics = json.load(f)
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 16
     assert sorted(read_losses(out)) == [1, 2, 3, 4]
+
+
+def test_nodes_without_a_shared_output_dir_all_stop_at_the_start(tmp_path, tiny_config):
+    # Each node its own --output_dir (separate disks): before the guard, node 1 died at the first checkpoint writing
+    # its random states into a folder only node 0 had, and node 0 hung. Now both stop before training, on their own.
+    outs = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
+    port = free_port()
+    logs = [open(tmp_path / f"node{r}.log", "w") for r in (0, 1)]
+    try:
+        argvs = [tiny_args(tiny_config, outs[r], "--max_train_steps", 2, "--checkpointing_steps", 1) for r in (0, 1)]
+        procs = [launch_node(r, port, argvs[r], tmp_path, logs[r]) for r in (0, 1)]
+        codes = wait_all(procs, TIMEOUT_S, fail_fast=False)
+    finally:
+        for f in logs:
+            f.close()
+    text = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    # Both exited by themselves (a hang is killed at the timeout: -9), each raising the TrainingError that names node 1.
+    assert all(c not in (0, -signal.SIGKILL) for c in codes), (
+        f"{codes}\nnode 0: {text[0][-2000:]}\nnode 1: {text[1][-2000:]}"
+    )
+    for t in text:
+        assert "TrainingError" in t and "filesystem shared by every node" in t, t[-3000:]
+        assert "process 1 on" in t and "--output_dir=" in t
+    assert not outs[0].exists() and not outs[1].exists()  # no checkpoint, no marker: nothing written
