@@ -62,8 +62,11 @@ def default_num_workers(path: str, local_processes: int = 1) -> int:
     return share if path == "workers" else min(2, share)
 
 
-def choose_path(requested: str, source, key: Optional[dict], cache_dir: str, channels, resolution, center_crop):
-    """`(path, reason)` for `--data_loading requested`; `auto` prefers a cache built before, then RAM if small."""
+def choose_path(requested: str, source, cache_dir: str, channels, resolution, center_crop):
+    """`(path, reason)` for `--data_loading requested`; `auto` prefers a cache built before, then RAM if small.
+
+    Only `auto` looks for a cache (which hashes every file's size and time); an explicit path starts without it.
+    """
     if requested not in DATA_LOADINGS:
         raise ValueError(f"--data_loading={requested!r} is not supported; choose one of {DATA_LOADINGS}.")
     if source is None:
@@ -72,7 +75,7 @@ def choose_path(requested: str, source, key: Optional[dict], cache_dir: str, cha
     described = f"{len(source)} images, about {size / 1e6:.0f} MB of uint8 pixels"
     if requested != "auto":
         return requested, f"--data_loading {requested} ({described})"
-    folder = data_cache.cache_folder(cache_dir, key)
+    folder = data_cache.cache_folder(cache_dir, data_cache.cache_key(source, resolution, channels, center_crop))
     if os.path.exists(os.path.join(folder, data_cache.META)):
         return "cache", f"a data cache of this data was built before ({folder})"
     if size <= MEMORY_PATH_MAX_BYTES:
@@ -135,8 +138,7 @@ def build_dataset(
         dataset_name, train_data_dir, dataset_config_name, cache_dir, image_column, label_column, max_train_samples
     )
     data_cache_dir = data_cache_dir or data_cache.default_cache_dir()
-    key = None if source is None else data_cache.cache_key(source, resolution, channels, center_crop)
-    path, reason = choose_path(data_loading, source, key, data_cache_dir, channels, resolution, center_crop)
+    path, reason = choose_path(data_loading, source, data_cache_dir, channels, resolution, center_crop)
     workers = default_num_workers(path, local_processes) if num_workers is None else num_workers
     if source is None:
         if channels != 1:
@@ -158,7 +160,11 @@ def build_dataset(
             disable=not builder,
         )
         for i, array, name in decoded:
-            (skipped.append(name) if array is None else (arrays.append(array), kept.append(i)))
+            if array is None:
+                skipped.append(name)
+            else:
+                arrays.append(array)
+                kept.append(i)
         if not arrays:
             raise ValueError(f"no readable images: all {len(skipped)} were broken.")
         labels = None if source.labels is None else source.labels[kept]
@@ -166,6 +172,7 @@ def build_dataset(
     elif path == "workers":
         dataset = DecodingImages(source, channels, center_crop, resolution, random_flip, seed, skip_broken_images)
     else:
+        key = data_cache.cache_key(source, resolution, channels, center_crop)
         cache = data_cache.ensure_cache(
             source, key, data_cache_dir, skip_broken_images, max(1, os.cpu_count() or 1), builder, failure_marker
         )
