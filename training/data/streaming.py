@@ -14,7 +14,14 @@ batch ahead of training. The crop and flip of the p-th record of stream epoch e 
 Resume: a checkpoint keeps each process's (stream epoch, records consumed). Resuming replays the stream of that epoch
 up to that record without decoding anything (same seed, same order, shuffle buffer included), which is exact. It
 costs one read of the raw records already consumed in the current pass (`datasets`' own `state_dict` would skip the
-read, but it does not restore the shuffle buffer's content, so it would not be exact); the log says how many.
+read, but it does not restore the shuffle buffer's content, so it would not be exact); the log says how many. A resume
+with another `--shuffle_buffer_size` or process count reads other records from there on, and the log warns so.
+
+What `datasets` does, seen from here: `--max_train_samples` is a `take`, which fixes the shard order (only the buffer
+shuffles) and, over several processes, takes each process's share from its own shards. At the end of every pass of a
+stream of several parquet shards, `datasets` sleeps 5 s (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, its
+workaround for apache/arrow#45214): negligible for real data, visible on a tiny one.
+Webdataset shards name their columns by extension: pass e.g. `--image_column png --label_column cls`.
 """
 
 import itertools
@@ -89,6 +96,7 @@ class StreamImages(ImageSet):
             num_threads,
         )
         self.num_workers = 0
+        self.shuffle_buffer_size, self.num_processes = None, 1  # set by `open_stream`; kept in checkpoints
 
     def __len__(self) -> int:
         raise TypeError("a stream has no length")
@@ -140,7 +148,10 @@ def open_stream(settings, process_index: int, num_processes: int) -> StreamImage
         stream = stream.take(settings.max_train_samples)
     stream = stream.shuffle(seed=settings.seed, buffer_size=settings.shuffle_buffer_size)
     stream = split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
-    threads = settings.dataloader_num_workers or default_num_workers("workers", 1)
+    threads = settings.dataloader_num_workers
+    if threads is None:
+        threads = default_num_workers("workers", int(os.environ.get("LOCAL_WORLD_SIZE", num_processes)))
+    threads = max(1, threads)
     images = StreamImages(
         stream,
         title,
@@ -154,6 +165,7 @@ def open_stream(settings, process_index: int, num_processes: int) -> StreamImage
         settings.skip_broken_images,
         threads,
     )
+    images.shuffle_buffer_size, images.num_processes = settings.shuffle_buffer_size, num_processes
     shards = getattr(stream, "num_shards", None) or getattr(stream, "n_shards", None)
     images.reason = (
         f"--streaming: {title!r}, {shards} shard(s) split over {num_processes} process(es), shuffle buffer "
@@ -180,10 +192,21 @@ class StreamBatches:
         return {}
 
     def state_dict(self) -> Dict:
-        return {"stream_epoch": self.stream_epoch, "position": self.position}
+        order = {"shuffle_buffer_size": self.dataset.shuffle_buffer_size, "num_processes": self.dataset.num_processes}
+        return {"stream_epoch": self.stream_epoch, "position": self.position, **order}
 
     def load_state_dict(self, state: Dict) -> None:
         self.stream_epoch, self.position = int(state["stream_epoch"]), int(state["position"])
+        for name in ("shuffle_buffer_size", "num_processes"):
+            saved, now = state.get(name), getattr(self.dataset, name)
+            if saved is not None and saved != now:
+                logger.warning(
+                    "streaming: %s was %s in the checkpoint and is %s now: the stream resumes at the same position "
+                    "but reads other records from there on (the resume is not exact).",
+                    name,
+                    saved,
+                    now,
+                )
 
     def _raw_batches(self):
         """(stream epoch, position after the batch, [(position, record), ...]) from the saved position on."""
