@@ -8,7 +8,6 @@ different kernel), so the loop does not know about them.
 
 import logging
 import os
-import re
 import uuid
 from typing import Dict
 
@@ -17,7 +16,8 @@ from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
-from training.data import BrokenImageError, DeviceBatches, EpochSampler, build_dataset, default_cache_dir
+from training.data import DeviceBatches, EpochSampler, build_dataset, default_cache_dir
+from training.data.batches import naming_broken_files
 from training.data.streaming import StreamBatches, open_stream
 from training.ema import EMA
 from training.errors import TrainingError
@@ -71,18 +71,7 @@ class LoaderBatches:
         loader.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         self.dataloader.dataset.set_epoch(epoch)
-        return _naming_broken_files(iter(loader))
-
-
-def _naming_broken_files(batches):
-    """The batches; an unreadable file met in a DataLoader worker becomes a `TrainingError` that names it (the
-    worker's traceback, which torch puts in the message, is left out)."""
-    try:
-        yield from batches
-    except BrokenImageError as err:
-        found = re.search(r"(cannot read image|image ).*", str(err).strip().splitlines()[-1])
-        message = found.group(0) if found else str(err)
-        raise TrainingError(f"{message}; pass --skip_broken_images to skip unreadable files.") from err
+        return naming_broken_files(iter(loader))
 
 
 class TrainingRun:

@@ -1,8 +1,22 @@
 """The order of an epoch, and the batches drawn on the device: both pure functions of (seed, epoch)."""
 
+import re
+
 import torch
 
-from training.data.decode import to_model_range
+from training.data.decode import BrokenImageError, to_model_range
+from training.errors import TrainingError
+
+
+def naming_broken_files(batches):
+    """The batches; an unreadable file met while making one (in a DataLoader worker, in a decoding thread) becomes a
+    `TrainingError` that names it (the worker's traceback, which torch puts in the message, is left out)."""
+    try:
+        yield from batches
+    except BrokenImageError as err:
+        found = re.search(r"(cannot read image|image ).*", str(err).strip().splitlines()[-1])
+        message = found.group(0) if found else str(err)
+        raise TrainingError(f"{message}; pass --skip_broken_images to skip unreadable files.") from err
 
 
 class EpochSampler(torch.utils.data.Sampler):

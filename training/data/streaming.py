@@ -32,6 +32,7 @@ from typing import Dict, Optional
 
 import torch
 
+from training.data.batches import naming_broken_files
 from training.data.build import default_num_workers
 from training.data.decode import BrokenImageError, decode_array, to_model_range
 from training.data.image_sets import ImageSet
@@ -231,7 +232,11 @@ class StreamBatches:
             epoch, start = epoch + 1, 0
 
     def epoch(self, epoch: int = 0, skip: int = 0):
-        """Batches from the current position on (the arguments are the loop's; a stream keeps its own position)."""
+        """Batches from the current position on (the arguments are the loop's; a stream keeps its own position).
+        An unreadable image stops it with a `TrainingError` naming the record."""
+        return naming_broken_files(self._batches())
+
+    def _batches(self):
         with ThreadPoolExecutor(max(1, self.dataset.num_threads)) as pool:
             pending = None
             for stream_epoch, after, chunk in self._raw_batches():
