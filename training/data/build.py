@@ -148,7 +148,6 @@ def build_dataset(
             images, labels = images[:max_train_samples], labels[:max_train_samples]
         dataset = InMemoryImages(images, labels, resolution, random_flip, seed, prescaled=True)
     elif path == "memory":
-        arrays, kept, skipped = [], [], []
         decoded = decode_many(
             source,
             resolution,
@@ -159,16 +158,7 @@ def build_dataset(
             "decoding images",
             disable=not builder,
         )
-        for i, array, name in decoded:
-            if array is None:
-                skipped.append(name)
-            else:
-                arrays.append(array)
-                kept.append(i)
-        if not arrays:
-            raise ValueError(f"no readable images: all {len(skipped)} were broken.")
-        labels = None if source.labels is None else source.labels[kept]
-        dataset = InMemoryImages.from_arrays(arrays, labels, resolution, random_flip, seed, len(skipped))
+        dataset = InMemoryImages.from_decoded(decoded, source, channels, resolution, random_flip, seed)
     elif path == "workers":
         dataset = DecodingImages(source, channels, center_crop, resolution, random_flip, seed, skip_broken_images)
     else:

@@ -101,6 +101,34 @@ class InMemoryImages(ImageSet):
         return self.images if torch.is_tensor(self.images) else None
 
     @classmethod
+    def from_decoded(cls, decoded, source, channels, resolution, random_flip, seed) -> "InMemoryImages":
+        """From `decode_many`'s `(index, array or None, name)` entries of `source`.
+
+        Square uint8 images at `resolution` (the usual case with `--center_crop`) go straight into one preallocated
+        (N, C, R, R) tensor: no list of arrays, no stacking copy, so the peak is the pixels themselves. Anything
+        else (a random crop's longer side, a 16-bit file) falls back to `from_arrays`.
+        """
+        block = torch.empty((len(source), channels, resolution, resolution), dtype=torch.uint8)
+        arrays, kept, skipped, packed = [], [], [], True
+        for i, array, name in decoded:
+            if array is None:
+                skipped.append(name)
+                continue
+            if packed and array.dtype == np.uint8 and array.shape == (channels, resolution, resolution):
+                block[len(kept)] = torch.from_numpy(array)
+            else:
+                if packed:  # the first image that does not fit: keep what was packed as arrays
+                    arrays, packed = [block[j].numpy() for j in range(len(kept))], False
+                arrays.append(array)
+            kept.append(i)
+        if not kept:
+            raise BrokenImageError(f"no readable images: all {len(skipped)} in {source.describe()} were broken.")
+        labels = None if source.labels is None else source.labels[kept]
+        if packed:
+            return cls(block[: len(kept)], labels, resolution, random_flip, seed, len(skipped))
+        return cls.from_arrays(arrays, labels, resolution, random_flip, seed, len(skipped))
+
+    @classmethod
     def from_arrays(cls, arrays, labels, resolution, random_flip, seed, num_skipped) -> "InMemoryImages":
         """From `image_to_array`'s outputs: stacked into one tensor when they are all square at `resolution`."""
         if any(a.dtype != np.uint8 for a in arrays):  # a high-bit-depth file: everything as float in [0, 1]
