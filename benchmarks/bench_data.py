@@ -277,20 +277,12 @@ def child_ours(spec: dict) -> dict:
     batch_s = time.perf_counter() - t0
     micro_step(run, batch, is_update=True)
     loss = float(update(run))
-    first_update_s = time.perf_counter() - t0
+    timings = {"imports_s": imports_s, "first_update_s": time.perf_counter() - t0, "data_s": data_s}
     close(batches)
-    report = memory_report(tree)
     return {
-        **report,
+        **result(tree, timings, batch_s, loss, model, dataset, spec),
         "flags": flags,
         "data_path": said[-1] if said else None,
-        "imports_s": imports_s,
-        "first_update_s": first_update_s,
-        "data_s": data_s,
-        "first_batch_s": batch_s,
-        "loss": loss,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "items_per_s": items_per_s(dataset, spec["decode_items"]),
     }
 
 
@@ -353,14 +345,17 @@ def child_diffusers(spec: dict) -> dict:
     batch_s = time.perf_counter() - t0
     loss = diffusers_step(batch["input"], model, noise_scheduler, accelerator, optimizer, lr_scheduler, ema)
     loss = loss.item()
-    first_update_s = time.perf_counter() - t0
+    timings = {"imports_s": imports_s, "first_update_s": time.perf_counter() - t0, "data_s": data_s}
     close(batches)
-    report = memory_report(tree)
+    return result(tree, timings, batch_s, loss, model, dataset, spec)
+
+
+def result(tree, timings: dict, batch_s: float, loss: float, model, dataset, spec: dict) -> dict:
+    """One child's measurements: the memory report (read before the decode timing), the timings, the model's size
+    and the items/s per worker of `dataset`."""
     return {
-        **report,
-        "imports_s": imports_s,
-        "first_update_s": first_update_s,
-        "data_s": data_s,
+        **memory_report(tree),
+        **timings,
         "first_batch_s": batch_s,
         "loss": loss,
         "parameters": sum(p.numel() for p in model.parameters()),
