@@ -246,6 +246,24 @@ def test_a_full_disk_while_building_stops_with_an_error_and_leaves_no_cache_behi
     assert _cache_folders(tmp_path) == []
 
 
+def test_a_build_that_was_killed_leaves_a_temporary_folder_that_the_next_build_removes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    folder = _write_folder(tmp_path / "imgs")
+    source = data.open_source(train_data_dir=str(folder))
+    final = data_cache.cache_folder(str(tmp_path / "cache"), data_cache.cache_key(source, 8, 1, False))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = f"{final}.tmp-{socket.gethostname()}-{int(dead.stdout)}-0badc0de"
+    running = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}-0123abcd"
+    for path in (killed, running):
+        os.makedirs(path)
+        (open(os.path.join(path, "pixels.u8"), "wb")).close()
+    built = _build(folder, tmp_path, "cache")
+    assert len(built) == 12 and not os.path.exists(killed) and os.path.exists(running)  # a live build is kept
+
+
 def test_processes_that_wait_for_the_builder_get_its_cache_or_its_error(tmp_path):
     folder = _write_folder(tmp_path / "imgs")
     source = data.open_source(train_data_dir=str(folder))

@@ -24,7 +24,7 @@ import shutil
 import socket
 import time
 import uuid
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -138,6 +138,29 @@ def remove_folder(folder: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and is someone else's
+        return True
+    return True
+
+
+def remove_stale_builds(folder: str) -> List[str]:
+    """Remove the temporary folders of builds of this cache that were killed (a process of this machine that is
+    gone); returns their names. A build still running, or one of another machine, is left alone."""
+    parent, base = os.path.dirname(folder), os.path.basename(folder)
+    prefix, removed = f"{base}.tmp-{socket.gethostname()}-", []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        pid = name[len(prefix) :].split("-")[0] if name.startswith(prefix) else ""
+        if (pid.isdigit() and not _alive(int(pid))) or name.startswith(f"{base}.removing-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 def _check_free_space(cache_dir: str, needed: int) -> None:
     free = shutil.disk_usage(cache_dir).free
     if needed * 1.05 > free:
@@ -247,6 +270,8 @@ def ensure_cache(
                 remove_folder(folder)
                 cache = None
             if cache is None:
+                for name in remove_stale_builds(folder):
+                    logger.info("removed %s, left behind by a build that was killed", name)
                 logger.info(
                     "building the data cache %s (%d images of %s, once)", folder, len(source), source.describe()
                 )
