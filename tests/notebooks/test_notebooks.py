@@ -40,3 +40,4 @@ def test_ipynb_is_the_executed_twin_of_its_source(source):
 def test_notebook_executes_and_its_assertions_hold(source):
     notebook = run_notebooks.execute(source, fast=True, timeout=300)
     assert code_cells(notebook)[-1].count("assert") >= 2, "a notebook ends with assertions on what it showed"
+    assert not run_notebooks.output_problems(notebook), "the runner's kernel prints no warnings or local paths"
