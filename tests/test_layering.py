@@ -1,4 +1,4 @@
-"""DESIGN.md's import layering, as the code really imports: schedulers <- custom_pipelines <- training, one way only.
+"""docs/design.md's import layering, as the code imports: schedulers <- custom_pipelines <- training, one way only.
 
 Every import is seen: top-level and inner (`def f(): from x import y`), relative ones resolved to their module, and
 `importlib.import_module(...)` / `__import__(...)` calls, whose argument must be a string the checker can read (a
