@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_continuous import TutorialContinuousScheduler
 from .tutorial_grids import half_log_snr_at
-from .tutorial_math import alpha_bar_from_log_snr, check_choice, check_int, expand_to
+from .tutorial_math import alpha_bar_from_log_snr, check_choice, check_int, entry_index, expand_to
 from .tutorial_scheduler_common import TutorialSchedulerOutput
 
 SDE_TYPES = ("vp", "subvp", "ve")
@@ -147,11 +147,19 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
         """x / c: the VP state with the same λ, what the DDPM-trained network expects (identity for VP)."""
         if timestep is None or self.config.sde_type == "vp":
             return sample
+        return sample / self._scale[self._grid_point(timestep)]
+
+    def _grid_point(self, timestep: Union[float, torch.Tensor]) -> int:
+        """The grid point of `timestep`: an entry of `self.timesteps` by its position (as `step` finds it: a device
+        tensor is not read), any other timestep (a number, a host tensor) by its value."""
         self._ensure_grid()
+        j = entry_index(timestep, self.timesteps)
+        if j is not None and len(self._entry_t) == len(self.timesteps):
+            return j // self.order  # entry j serves grid point j // order (the last entry: the last point)
         i = self._grid_index.get(float(timestep))
         if i is None:
             raise ValueError(f"timestep={float(timestep)} is not on the grid set by set_timesteps.")
-        return sample / self._scale[i]
+        return i
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Sample from this SDE's marginal at t: α(λ(t)) x_0 + σ(λ(t)) ε (the perturbation kernel of the SDE).
@@ -206,8 +214,8 @@ class TutorialScoreSDEScheduler(TutorialContinuousScheduler, SchedulerMixin, Con
             # norms are batch means of per-sample norms: a per-sample ratio explodes where a sample's score ≈ 0.
             z_norm = z.reshape(z.shape[0], -1).norm(dim=1).mean()
             score_norm = score.reshape(score.shape[0], -1).norm(dim=1).mean().clamp(min=1e-30)
-            step_size = float(2 * self._langevin_alpha[i] * (self.config.snr * z_norm / score_norm) ** 2)
-            prev_sample = sample + step_size * score + math.sqrt(2 * step_size) * z
+            step_size = 2 * self._langevin_alpha[i] * (self.config.snr * z_norm / score_norm) ** 2  # on the device
+            prev_sample = sample + step_size * score + torch.sqrt(2 * step_size) * z
         else:
             # Reverse-SDE Euler–Maruyama in the natural clock τ (eq. (6)): x ← x + (c_f x + g² ∇log p) Δτ + g √Δτ z.
             d_tau = self._tau[i] - self._tau[i + 1]

@@ -19,9 +19,17 @@ from custom_pipelines import (
     TutorialUnconditionalPipeline,
     sample_loop,
 )
-from schedulers import TutorialDDIMScheduler
+from schedulers import TutorialDDIMScheduler, TutorialScoreSDEScheduler
 
 META = torch.device("meta")
+# The score-SDE configs whose per-step code differs from the default (VP, predictor only): VE / sub-VP rescale the model
+# input at every step, the Langevin corrector computes a step size from the sample at every corrector step.
+SDE_CONFIGS = [
+    {"sde_type": "ve"},
+    {"sde_type": "subvp"},
+    {"corrector": "langevin"},
+    {"sde_type": "ve", "corrector": "langevin", "n_corrector_steps": 2},
+]
 # Host reads and the placeholder each answers with on `meta` (-1: "no bad step" for the deferred finite check).
 PLACEHOLDERS = {"item": -1, "__int__": -1, "__index__": -1, "__float__": 0.0, "__bool__": False}
 UNREADABLE = ("tolist", "cpu", "numpy")  # no placeholder makes sense: a call fails the test at once
@@ -69,11 +77,11 @@ def _sample(pipeline_cls, scheduler, steps: int, unet_factory):
     return pipe(batch_size=2, num_inference_steps=steps, output_type="pt")
 
 
-def _assert_unconditional_loop_reads_nothing_per_step(host_reads, unet_factory, scheduler_cls):
+def _assert_unconditional_loop_reads_nothing_per_step(host_reads, unet_factory, make_scheduler):
     counts = []
     for steps in (3, 6):
         host_reads.clear()
-        out = _sample(TutorialUnconditionalPipeline, scheduler_cls(), steps, unet_factory)
+        out = _sample(TutorialUnconditionalPipeline, make_scheduler(), steps, unet_factory)
         assert out.images.device == META
         counts.append(len(host_reads))
     assert counts[0] == counts[1] <= 1, f"host reads for 3 and 6 steps: {counts}"
@@ -106,18 +114,33 @@ def test_every_sampling_loop_reads_nothing_from_the_device_per_step(host_reads, 
     assert counts[0] == counts[1] <= 1, f"host reads for 3 and 6 steps: {counts}"
 
 
-def test_a_diffusers_style_loop_over_device_timesteps_reads_nothing_per_step(
-    host_reads, unet_factory, our_scheduler_cls
-):
+def _assert_device_timesteps_loop_reads_nothing(host_reads, unet_factory, make_scheduler):
     # The loop diffusers' own pipelines run: `set_timesteps(device=...)`, then `t` straight from `scheduler.timesteps`.
     unet = unet_factory(sample_size=8).to(META)
     counts = []
     for steps in (3, 6):
         host_reads.clear()
-        scheduler = our_scheduler_cls()
+        scheduler = make_scheduler()
         scheduler.set_timesteps(steps, device=META)
         x = torch.randn(2, 3, 8, 8, device=META)
         with torch.no_grad():
             x = sample_loop(lambda x, t: unet(x, t).sample, scheduler, x)
         counts.append(len(host_reads))
     assert counts == [0, 0], f"host reads for 3 and 6 steps: {counts}"
+
+
+def test_a_diffusers_style_loop_over_device_timesteps_reads_nothing_per_step(
+    host_reads, unet_factory, our_scheduler_cls
+):
+    _assert_device_timesteps_loop_reads_nothing(host_reads, unet_factory, our_scheduler_cls)
+
+
+@pytest.mark.parametrize("config", SDE_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_score_sde_loops_read_nothing_per_step_in_every_config(host_reads, unet_factory, config):
+    # Issue #21.7: the Langevin step size was read with float() at every corrector step, and VE / sub-VP's
+    # scale_model_input looked its scale up by float(timestep); the tests above run only the default config.
+    def make_scheduler():
+        return TutorialScoreSDEScheduler(**config)
+
+    _assert_unconditional_loop_reads_nothing_per_step(host_reads, unet_factory, make_scheduler)
+    _assert_device_timesteps_loop_reads_nothing(host_reads, unet_factory, make_scheduler)

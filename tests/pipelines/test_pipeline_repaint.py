@@ -83,6 +83,43 @@ def test_without_resampling_matches_hand_written_eqs_8_to_10(pipe, tiny_unet, im
     torch.testing.assert_close(out, (x / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("defer", [False, True], ids=["at-once", "deferred"])
+@pytest.mark.parametrize("bad_call", [2, 4, 8], ids=["before-any-jump", "after-a-jump", "after-two-jumps"])
+def test_a_nan_from_the_model_is_reported_at_its_step_and_timestep(pipe, tiny_unet, image_and_mask, bad_call, defer):
+    """Issue #21.6: only down-steps are checked, numbered among all moves. The deferred check (an accelerator's; forced
+    here on the CPU) kept one timestep per checked step and looked the bad one up by its move number: after a jump it
+    named another step's timestep (bad_call=4) or raised IndexError instead (bad_call=8)."""
+    n, jump_length, jump_n_sample = 6, 2, 2
+    levels = repaint_levels(n, jump_length, jump_n_sample)
+    moves = list(zip(levels[:-1], levels[1:]))
+    down_moves = [i for i, (level, next_level) in enumerate(moves) if next_level < level]
+    step = down_moves[bad_call]  # the move of the bad UNet call: 2, 6 and 12 (levels 4 -> 3, 4 -> 3, 2 -> 1)
+    sched = TutorialDDPMScheduler()
+    sched.set_timesteps(n)
+    timestep = int(sched.timesteps[n - levels[step]])  # level l holds x at the grid's entry N - l
+    calls = []
+
+    def nan_at_bad_call(module, args, output):
+        if len(calls) == bad_call:
+            output.sample[0, 0, 0, 0] = float("nan")
+        calls.append(1)
+        return output
+
+    pipe._defer_finite_check = defer
+    image, mask = image_and_mask
+    handle = tiny_unet.register_forward_hook(nan_at_bad_call)
+    try:
+        with pytest.raises(
+            FloatingPointError,
+            match=rf"after step {step} of {len(moves)} \(timestep {timestep}\); it first appeared in the model output",
+        ):
+            pipe(image, mask, num_inference_steps=n, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    finally:
+        handle.remove()
+    # At once: the loop stops at the bad step. Deferred: it runs to its end and then names the first bad step.
+    assert len(calls) == (len(down_moves) if defer else bad_call + 1)
+
+
 def test_pil_and_numpy_masks(pipe, image_and_mask):
     image, mask = image_and_mask
     pil_mask = PIL.Image.fromarray((mask.numpy() * 255).astype(np.uint8))

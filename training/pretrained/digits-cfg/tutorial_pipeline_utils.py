@@ -151,6 +151,8 @@ class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionP
         (and the model output) is finite is folded into two device tensors, the first bad step and its culprit, and
         read once at the loop's last step (`step_index == num_steps - 1`). Our schedulers never turn a non-finite
         model output into a finite sample (clipping and thresholding keep NaN/inf), so a check of the sample suffices.
+        A loop may check only some of its steps (RePaint checks its down-steps, numbered among all its moves): the
+        timestep is kept by `step_index`, so the one named is the one passed with that index.
         """
         defer = self._defer_finite_check
         if defer is None:
@@ -160,10 +162,10 @@ class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionP
                 self._raise_non_finite(step_index, timestep, num_steps, bool(~torch.isfinite(model_output).all()))
             return
         if step_index == 0 or getattr(self, "_finite_watch", None) is None:
-            self._finite_watch = {"first": torch.full((), -1, device=sample.device), "timesteps": []}
+            self._finite_watch = {"first": torch.full((), -1, device=sample.device), "timesteps": {}}
             self._finite_watch["model"] = torch.zeros((), dtype=torch.bool, device=sample.device)
         watch = self._finite_watch
-        watch["timesteps"].append(timestep)
+        watch["timesteps"][step_index] = timestep
         newly = ~torch.isfinite(sample).all() & (watch["first"] < 0)
         watch["first"] = torch.where(newly, step_index, watch["first"])
         watch["model"] = torch.where(newly, ~torch.isfinite(model_output).all(), watch["model"])
