@@ -1,4 +1,4 @@
-"""Do the training script's defaults learn on a user's model and data? Ours vs diffusers' loop, on a CPU.
+"""Do the training script's defaults learn on a user's model and data? Ours vs diffusers' loop (re-created), on a CPU.
 
     python benchmarks/bench_defaults.py            # 32x32 RGB folder, mid-size UNet (3.0 M), batch 16, 300 updates
     python benchmarks/bench_defaults.py --quick    # the same path, tiny (the test suite runs it)
@@ -12,7 +12,8 @@ image folder (`bench_utils`):
 - `ours`: our script with its defaults (only the data, the model config, the batch size and the steps given);
 - `ours-small-preset`: our script with the small UNet's preset forced (`--learning_rate 2e-3 --lr_warmup_steps 50`),
   the defaults every model got before, for comparison;
-- `diffusers`: diffusers' training loop with its defaults (lr 1e-4, 500 warm-up updates).
+- `diffusers`: diffusers' training loop with its defaults (lr 1e-4, 500 warm-up updates), re-created in
+  `benchmarks/bench_utils.py` from diffusers' `train_unconditional.py` (0.42.x); the output says so.
 
 It prints the loss (mean of the 10 updates ending there) at updates 50, 100, 200 and the last, the ratio ours /
 diffusers, and whether ours got below `--target` (0.1). Each run is a subprocess on BENCH_THREADS torch threads.
@@ -29,6 +30,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 RUNS = ("ours", "ours-small-preset", "diffusers")
+# What the `diffusers` run is, printed first and written into the report: not diffusers' script, its loop re-created.
+DIFFUSERS_SIDE = (
+    "diffusers = diffusers' training loop re-created in benchmarks/bench_utils.py (`diffusers_loop`), from diffusers' "
+    "examples/unconditional_image_generation/train_unconditional.py 0.42.x; not that script itself"
+)
 
 
 def child(which: str, steps: int, batch: int, quick: bool) -> None:
@@ -83,7 +89,9 @@ def main(argv=None) -> dict:
         return child(args.child, args.steps, args.batch, args.quick)
 
     marks = sorted({m for m in (50, 100, 200, args.steps) if m <= args.steps})
-    report = {"steps": args.steps, "batch": args.batch, "runs": {}}
+    report = {"steps": args.steps, "batch": args.batch, "diffusers_side": DIFFUSERS_SIDE, "runs": {}}
+    if "diffusers" in args.runs:
+        print(DIFFUSERS_SIDE)
     print(f"| run | lr | {' | '.join(f'loss @ {m}' for m in marks)} | images/s |")
     print("|---|---|" + "---|" * len(marks) + "---|")
     for which in args.runs:

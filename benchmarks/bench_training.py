@@ -1,4 +1,4 @@
-"""Training speed and quality: this project's script vs diffusers' `train_unconditional.py` logic, same UNet, same data.
+"""Training speed and quality: ours vs diffusers' `train_unconditional.py` loop (re-created here), same UNet and data.
 
     python benchmarks/bench_training.py                  # throughput + memory, 2 interleaved repeats
     python benchmarks/bench_training.py --pairs defaults # only ours (defaults) vs theirs (defaults)
@@ -35,6 +35,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# What "theirs" is, printed first and written into the report: not diffusers' script, its loop re-created here.
+THEIRS = (
+    "theirs = diffusers' training loop re-created in this benchmark (`run_theirs`), from diffusers' "
+    "examples/unconditional_image_generation/train_unconditional.py 0.42.x; not that script itself"
+)
 
 
 def run_report(mixed_precision: str, steps: int, train_seconds: float, cpu_seconds: float, reached, history) -> dict:
@@ -255,7 +261,8 @@ def main():
     if args.child:
         return child(args.child, args.steps, args.eval_every, args.threshold, args.precision)
 
-    report = {"runs": [], "pairs": {}}
+    report = {"theirs": THEIRS, "runs": [], "pairs": {}}
+    print(THEIRS, flush=True)
     for r in range(args.repeats):  # interleaved: ours and theirs of every pair share the machine's weather
         for pair in args.pairs:
             for which in ("theirs", "ours"):

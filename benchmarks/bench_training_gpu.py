@@ -1,9 +1,13 @@
 """GPU throughput (issue #14): our training script and pipelines against diffusers', ratios in one run.
 
-The prepared command for a session with 10 minutes of one H200 (about 7 minutes of work; record its table in
-benchmarks/RESULTS.md with the date):
+On a GPU machine, from the repository root (one H200 is expected to take about 7 minutes; record the tables it
+prints in benchmarks/RESULTS.md with the date and the GPU). diffusers' script is not part of its wheel: take it from
+the v0.42.1 tag, and install torchvision, which it imports.
 
-    python benchmarks/bench_training_gpu.py --diffusers_script /work/diffusers_train_unconditional.py \\
+    url=https://raw.githubusercontent.com/huggingface/diffusers/v0.42.1/examples/unconditional_image_generation
+    curl -L -o diffusers_train_unconditional.py $url/train_unconditional.py
+    pip install torchvision
+    python benchmarks/bench_training_gpu.py --diffusers_script diffusers_train_unconditional.py \\
         --output bench_training_gpu.json
 
     python benchmarks/bench_training_gpu.py --device cpu --quick    # the same path, tiny, on the CPU (the test suite)

@@ -9,9 +9,10 @@ Sections (each runs in its own subprocess: a fresh CUDA context and a clean peak
    stopped half-way with a checkpoint, resumed to the end (the resumed run must continue the loss record exactly
    where it stopped), exported, then sampled on the device (DDIM, 50 steps) and evaluated (digits Fréchet distance).
 2. `folder-ours` and `folder-diffusers`: a generated 64x64 RGB image folder, diffusers' default DDPM UNet (113.7 M
-   parameters), batch 64, bf16, 300 updates, with our script's defaults and with diffusers' training loop
-   (`benchmarks/bench_utils.py`) side by side: images/s, peak GPU memory, the loss at updates 50 and 300 (means of
-   the 10 updates ending there), and the ratio ours / diffusers of the loss at 300.
+   parameters), batch 64, bf16, 300 updates, with our script's defaults and with diffusers' training loop re-created
+   in `benchmarks/bench_utils.py` (from diffusers' `train_unconditional.py` 0.42.x, not that script; the output says
+   so) side by side: images/s, peak GPU memory, the loss at updates 50 and 300 (means of the 10 updates ending
+   there), and the ratio ours / diffusers of the loss at 300.
 3. `sampling`: the shipped pipelines (`training/pretrained/digits-ddpm`, `digits-cfg`) on the device in float32,
    float16 and bfloat16, DDIM-50, batch 256: seconds, finite.
 
@@ -31,6 +32,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SECTIONS = ("digits", "folder-ours", "folder-diffusers", "sampling")
+# What `folder-diffusers` runs, printed first and written into the report: not diffusers' script, its loop re-created.
+DIFFUSERS_SIDE = (
+    "folder-diffusers = diffusers' training loop re-created in benchmarks/bench_utils.py (`diffusers_loop`), from "
+    "diffusers' examples/unconditional_image_generation/train_unconditional.py 0.42.x; not that script itself"
+)
 
 
 def sizes(quick: bool, device: str) -> dict:
@@ -186,6 +192,9 @@ def main(argv=None) -> dict:
         return child(args.child, args.quick, args.device)
 
     report = {"device": args.device, "quick": args.quick, "sizes": sizes(args.quick, args.device)}
+    if "folder-diffusers" in args.sections:
+        report["diffusers_side"] = DIFFUSERS_SIDE
+        print(DIFFUSERS_SIDE, flush=True)
     for section in args.sections:
         report[section] = run_section(section, args.quick, args.device)
         print(f"[{section}] done in {report[section]['seconds_total']:.0f} s", flush=True)
