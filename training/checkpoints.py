@@ -14,7 +14,9 @@ with an error that names it: nothing is unpickled, ever. Tensors are read on the
 state, which lives on `accelerator.device` (so a checkpoint written on a GPU resumes on a CPU and back).
 
 Writing is atomic: every process writes into `.tmp-checkpoint-<update>`, then the main process renames the folder
-(one filesystem operation). A kill at any moment leaves the previous checkpoints intact. Rotation
+(one filesystem operation). A kill at any moment leaves the previous checkpoints intact. A write that fails (a full
+disk: `OSError`, or safetensors' `SafetensorError` wrapping one) on any process stops every process with a
+`TrainingError` naming the file and the cause, after the half-written temp folder is removed. Rotation
 (`--checkpoints_total_limit`) deletes the oldest checkpoints of the current branch; resuming from an older
 checkpoint first moves the later ones (an abandoned branch) aside into `abandoned/`, so "latest" is always the newest
 checkpoint of the run that is going on.
@@ -31,7 +33,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from diffusers import UNet2DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.errors import TrainingError
@@ -216,28 +220,63 @@ def write_checkpoint(
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
+    failure, path = None, tmp
+    if accelerator.is_main_process:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as err:
+            failure = _failure(path, err)
+    accelerator.wait_for_everyone()
+    try:
+        path = os.path.join(tmp, RNG_FILE.format(accelerator.process_index))
+        _write_json(path, {**rng_state(), "data": process_state})
+        if accelerator.is_main_process:
+            for name, named in tensors.items():
+                if not ALLOWED_FILES.match(name):
+                    raise ValueError(f"{name!r} is not a checkpoint file name ({ALLOWED_FILES.pattern}).")
+                path = os.path.join(tmp, name)
+                save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
+                _fsync(path)
+            path = os.path.join(tmp, STATE_FILE)
+            _write_json(path, {**state, "format": FORMAT_VERSION})
+    except (OSError, SafetensorError) as err:  # a full disk, a quota, an I/O error
+        failure = failure or _failure(path, err)
+    _raise_if_any_failed(accelerator, output_dir, step, tmp, failure)
+    if accelerator.is_main_process:
+        try:
+            path = final
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(output_dir)
+            rotate(output_dir, total_limit, keep=final)
+        except OSError as err:
+            failure = _failure(path, err)
+    _raise_if_any_failed(accelerator, output_dir, step, tmp, failure)  # also the barrier after the rename
+    return final
+
+
+def _failure(path: str, err: BaseException) -> str:
+    return f"{path!r}: {type(err).__name__}: {err}"
+
+
+def _raise_if_any_failed(accelerator, output_dir: str, step: int, tmp: str, failure: Optional[str]) -> None:
+    """Every process learns whether any process failed to write its part (one gather, which is also a barrier), and
+    all raise together: none is left waiting at a barrier for a process that has stopped. The main process removes
+    the half-written temp folder first; the earlier checkpoints were never touched."""
+    failures = [failure] if accelerator.num_processes == 1 else gather_object([failure])
+    failures = [f for f in failures if f is not None]
+    if not failures:
+        return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    _write_json(os.path.join(tmp, RNG_FILE.format(accelerator.process_index)), {**rng_state(), "data": process_state})
-    if accelerator.is_main_process:
-        for name, named in tensors.items():
-            if not ALLOWED_FILES.match(name):
-                raise ValueError(f"{name!r} is not a checkpoint file name ({ALLOWED_FILES.pattern}).")
-            path = os.path.join(tmp, name)
-            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
-            _fsync(path)
-        _write_json(os.path.join(tmp, STATE_FILE), {**state, "format": FORMAT_VERSION})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(output_dir)
-        rotate(output_dir, total_limit, keep=final)
-    accelerator.wait_for_everyone()
-    return final
+    earlier = [os.path.basename(p) for p in list_checkpoints(output_dir)]
+    raise TrainingError(
+        f"could not write checkpoint-{step}: {failures[0]}. The half-written {os.path.basename(tmp)} was removed; "
+        f"the earlier checkpoints are intact ({', '.join(earlier) or 'none yet'}). Free space (or fix the cause) and "
+        "continue with --resume_from_checkpoint latest."
+    )
 
 
 def read_checkpoint(

@@ -5,6 +5,11 @@ folder's entries (and the staging folder of a pipeline save that was killed) (`m
 `samples/`), `logs/` (the `--logging_dir` inside the folder), `grids/`, `metrics.json` and `losses.jsonl`. Any other
 file (a user's notes, data, scripts) is never moved or deleted.
 
+A run holds the folder: its main process keeps `.lock` (its process id, host and start time) `flock`ed from the start
+to the end, and a second run into the same folder is refused before it touches anything. The kernel releases the lock
+when the process dies, so the `.lock` of a killed run is taken over (with a warning). `.lock` is not "the folder is
+not empty", is never set aside, and is removed on release.
+
 `--overwrite_output_dir` replaces a previous run in three steps, so that a failure at any point loses nothing:
 1. after every flag, the data and the model have been validated, the previous run's entries are moved into
    `.previous-run/` (renames: instant, nothing deleted);
@@ -13,19 +18,27 @@ file (a user's notes, data, scripts) is never moved or deleted.
 3. once the new run has written its first checkpoint, `.previous-run/` is deleted.
 """
 
+import contextlib
+import fcntl
+import json
+import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
-from typing import List
+from typing import Iterator, List, Optional
 
 from accelerate.utils import broadcast_object_list, gather_object
 
 from training.errors import TrainingError
 
+logger = logging.getLogger("train_unconditional")
+
 PREVIOUS_RUN = ".previous-run"
+LOCK = ".lock"  # held (flock) by the main process of the run writing into the folder
 METRICS = "metrics.json"
 LOSSES = "losses.jsonl"  # one row per update: {"step": ..., "loss": ...}
 GRIDS = "grids"  # sample grids over training; the pipeline's own `samples/` holds the final grid for the card
@@ -94,6 +107,111 @@ def check_shared_output_dir(accelerator, output_dir: str) -> None:
             "file the main process wrote there. With several machines, --output_dir must be on a filesystem shared "
             "by every node (e.g. NFS); nothing was written."
         )
+
+
+class OutputDirLock:
+    """The `flock` a run holds on `<output_dir>/.lock`; `release()` removes the file, then lets go."""
+
+    def __init__(self, fd: int, path: str, created_dir: Optional[str]):
+        self.fd, self.path, self.created_dir = fd, path, created_dir
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while still held: a run waiting for the lock re-checks which file it locked
+        os.close(self.fd)
+        self.fd = -1
+        if self.created_dir is not None:  # a run that wrote nothing leaves no folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self.created_dir)
+
+
+def _holder(fd: int) -> dict:
+    """What a `.lock` says about its holder ({} when it is empty or unreadable)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    return (
+        f"process {holder.get('pid', '(unknown)')} on {holder.get('host', '(unknown host)')}, "
+        f"started {holder.get('started', '(unknown)')}"
+    )
+
+
+def lock_output_dir(output_dir: str) -> OutputDirLock:
+    """Take `<output_dir>/.lock` for this process (creating the folder), or refuse: another run is writing there.
+
+    Raises:
+        `TrainingError`: naming the folder and the holder's process id, when another live process holds the lock.
+    """
+    created = None if os.path.isdir(output_dir) else os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise TrainingError(
+                f"--output_dir={output_dir!r} is in use by another training run ({_describe(holder)}; lock file "
+                f"{path!r}): two runs in one folder would interleave their checkpoints. Wait for it to end, stop it "
+                "(Ctrl-C or SIGTERM saves a checkpoint), or choose another --output_dir. Nothing was changed."
+            ) from None
+        except OSError as err:  # a filesystem without flock: run unlocked rather than not at all
+            os.close(fd)
+            logger.warning(
+                "--output_dir=%r cannot be locked (%s): a second run into it would not be refused.", output_dir, err
+            )
+            return OutputDirLock(-1, path, None)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder released it (and removed the file) between our open and our flock: take the new one
+    previous = _holder(fd)
+    if previous:  # a holder that released the lock removes the file: this one's holder died holding it
+        logger.warning(
+            "--output_dir=%r: taking over the lock of a run that ended without releasing it (%s; killed or crashed).",
+            output_dir,
+            _describe(previous),
+        )
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    return OutputDirLock(fd, path, created)
+
+
+@contextlib.contextmanager
+def held_by_this_run(accelerator, output_dir: str) -> Iterator[None]:
+    """Hold `--output_dir` for the run: the main process takes the lock, and every process raises if it could not."""
+    lock, refusal = None, [None]
+    if accelerator.is_main_process:
+        try:
+            lock = lock_output_dir(output_dir)
+        except TrainingError as err:
+            refusal[0] = str(err)
+    if accelerator.num_processes > 1:  # every process raises, or none
+        refusal = broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise TrainingError(refusal[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def is_empty(output_dir: str) -> bool:
+    """Whether `output_dir` is missing or holds nothing but the run's own `.lock`."""
+    return not os.path.isdir(output_dir) or all(name == LOCK for name in os.listdir(output_dir))
 
 
 def owned_entries(output_dir: str, logging_dir: str) -> List[str]:

@@ -176,7 +176,7 @@ def train(
     Returns:
         `dict`: the final metrics (also written to `<output_dir>/metrics.json`), with `"interrupted"`.
     """
-    # -- settings and accelerator; a replacement of a previous run that was killed half-way is undone first
+    # -- settings and accelerator; the output folder is held by this run until it ends
     settings = resolve_settings(args)
     output_folder.check_output_dir(settings.output_dir)
     accelerator = Accelerator(
@@ -190,13 +190,20 @@ def train(
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
+    with output_folder.held_by_this_run(accelerator, settings.output_dir):  # a second run into the folder stops here
+        return take_over_and_run(settings, accelerator, should_stop, argv)
+
+
+def take_over_and_run(settings: Settings, accelerator, should_stop, argv) -> Dict:
+    """Validate, take over the output folder (undoing a killed replacement first), then run: `train` once the folder
+    is held by this run."""
     if accelerator.is_main_process and output_folder.restore_previous_run(settings.output_dir, settings.logging_dir):
         logger.warning(
-            "%s: restored the run that an interrupted --overwrite_output_dir had set aside.", args.output_dir
+            "%s: restored the run that an interrupted --overwrite_output_dir had set aside.", settings.output_dir
         )
     accelerator.wait_for_everyone()
     output_folder.check_shared_output_dir(accelerator, settings.output_dir)
-    not_empty = os.path.isdir(settings.output_dir) and bool(os.listdir(settings.output_dir))
+    not_empty = not output_folder.is_empty(settings.output_dir)
     not_empty = broadcast_object_list([not_empty])[0]  # the main process decides, so every process raises or none
     if not_empty and not settings.overwrite_output_dir and settings.resume_from_checkpoint is None:
         raise TrainingError(
@@ -300,7 +307,7 @@ def train_loop(
     run: TrainingRun, total_steps: int, losses: LossLog, history: List[Dict], writer, should_stop, argv
 ) -> bool:
     """Micro-batches grouped into updates until `total_steps`; epochs only set the data order. Returns whether a
-    stop was requested (SIGTERM or `should_stop`), after which a checkpoint has been saved."""
+    stop was requested (SIGTERM, Ctrl-C or `should_stop`), after which a checkpoint has been saved."""
     settings, accelerator, state = run.settings, run.accelerator, run.state
     ga, batches_per_epoch = settings.gradient_accumulation_steps, len(run.batches)
     global_batch = settings.train_batch_size * accelerator.num_processes * ga
@@ -332,7 +339,12 @@ def train_loop(
                 losses.last_checkpoint = save_checkpoint(run, settings.output_dir)
                 discard_previous_run(accelerator, settings)
             if stop:
-                logger.info("stop requested: saved checkpoint-%d, exiting", step)
+                logger.info(
+                    "%s: saved %s at update %d; continue with --resume_from_checkpoint latest (same --output_dir)",
+                    _stop_reason(),
+                    losses.last_checkpoint,
+                    step,
+                )
                 return True
             if step >= total_steps:
                 break
@@ -354,12 +366,12 @@ def discard_previous_run(accelerator, settings: Settings) -> None:
 
 
 def stop_requested(accelerator, local: bool, sync: bool = True) -> bool:
-    """True when any process wants to stop (SIGTERM or `should_stop`): every process must agree to save.
+    """True when any process wants to stop (SIGTERM, Ctrl-C or `should_stop`): every process must agree to save.
 
     With several processes the flags are combined only when `sync` (every `--logging_steps` updates): that is a
     collective operation, which the hot loop does not wait for at every update.
     """
-    flag = local or _SIGTERM_RECEIVED
+    flag = local or _STOP_SIGNAL is not None
     if accelerator.num_processes == 1:
         return flag
     if not sync:
@@ -367,25 +379,45 @@ def stop_requested(accelerator, local: bool, sync: bool = True) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
 
 
-_SIGTERM_RECEIVED = False
+# The signal that asked this process to stop (SIGTERM or SIGINT), None until one came; `__main__` derives the exit
+# code from it. Only the process that installed the handlers acts: a forked child (a DataLoader worker) ignores them.
+_STOP_SIGNAL: Optional[int] = None
+_HANDLER_PID: Optional[int] = None
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _on_sigterm(signum, frame):
-    global _SIGTERM_RECEIVED
-    _SIGTERM_RECEIVED = True
+def _on_stop_signal(signum, frame):
+    """SIGTERM or a first Ctrl-C: finish the update, save a checkpoint, exit. A second Ctrl-C aborts at once."""
+    global _STOP_SIGNAL
+    if os.getpid() != _HANDLER_PID:
+        return
+    if signum == signal.SIGINT and _STOP_SIGNAL is not None:
+        raise KeyboardInterrupt
+    _STOP_SIGNAL = _STOP_SIGNAL or signum
+    if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":  # os.write: no buffered stream in a handler
+        os.write(
+            sys.stderr.fileno(),
+            b"\nCtrl-C: finishing the current update, then saving a checkpoint and exiting "
+            b"(press Ctrl-C again to abort at once, without a checkpoint).\n",
+        )
+
+
+def _stop_reason() -> str:
+    return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(_STOP_SIGNAL, "stop requested")
 
 
 def main(argv: Optional[List[str]] = None, should_stop: Callable[[int], bool] = lambda step: False) -> Dict:
-    """Parse `argv` (default `sys.argv[1:]`) and train; SIGTERM saves a checkpoint and returns cleanly."""
-    global _SIGTERM_RECEIVED
-    _SIGTERM_RECEIVED = False
+    """Parse `argv` (default `sys.argv[1:]`) and train; SIGTERM or a first Ctrl-C saves a checkpoint and returns
+    cleanly (`"interrupted": True`); a second Ctrl-C raises `KeyboardInterrupt` at once."""
+    global _STOP_SIGNAL, _HANDLER_PID
+    _STOP_SIGNAL, _HANDLER_PID = None, os.getpid()
     args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS} if _in_main_thread() else {}
     try:
         return train(args, should_stop, argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _in_main_thread() -> bool:
@@ -396,7 +428,9 @@ def _in_main_thread() -> bool:
 
 if __name__ == "__main__":
     try:
-        main()
+        metrics = main()
     except TrainingError as err:
         print(f"train_unconditional.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if metrics["interrupted"] and _STOP_SIGNAL == signal.SIGINT:
+        sys.exit(128 + signal.SIGINT)  # 130, as a shell reports a program stopped by Ctrl-C: the run did not finish
