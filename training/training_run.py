@@ -8,6 +8,7 @@ different kernel), so the loop does not know about them.
 
 import logging
 import os
+import signal
 import uuid
 from typing import Dict
 
@@ -218,8 +219,15 @@ def make_batches(settings: Settings, accelerator: Accelerator, dataset):
         num_workers=dataset.num_workers,
         drop_last=True,
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=_worker_ignores_ctrl_c,
     )
     return LoaderBatches(accelerator, accelerator.prepare(dataloader), sampler)
+
+
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: a DataLoader worker ignores it and keeps serving batches
+    while the training process finishes its update and saves a checkpoint (it ends with its parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_optimizer(settings: Settings, model: torch.nn.Module) -> torch.optim.Optimizer:
