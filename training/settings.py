@@ -7,7 +7,9 @@ written back.
 """
 
 import argparse
+import logging
 import math
+import os
 from typing import Dict, List, Optional
 
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
@@ -15,6 +17,8 @@ from schedulers import tutorial_math as tm
 from training.data import DATA_LOADINGS
 from training.model import load_unet_config
 from training.precision import MIXED_PRECISIONS, resolve_mixed_precision, uses_cpu
+
+logger = logging.getLogger("train_unconditional")
 
 DESCRIPTION = "Train a UNet2DModel denoiser with accelerate, and leave behind a self-contained pipeline folder."
 
@@ -68,7 +72,6 @@ RUN_DEFINING_FLAGS = (
     "ddpm_num_steps",
     "ddpm_beta_schedule",
     "rescale_betas_zero_snr",
-    "train_scheduler",
     "num_class_embeds",
     "cond_drop_prob",
     "snr_gamma",
@@ -84,7 +87,26 @@ SWITCH = ("auto", "yes", "no")  # the choices of the throughput switches; 'auto'
 SWITCHES = ("data_on_device", "channels_last", "adam_fused")  # resolved to booleans by `resolve_settings`
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
-NOT_RECORDED = ("hub_token", "local_rank", "resume_from_checkpoint", "overwrite_output_dir")  # never written out
+# Never written out. `train_scheduler` is deprecated and ignored (DDPM and DDIM share one add_noise): a checkpoint that
+# recorded it still resumes, whatever the flag says now.
+NOT_RECORDED = ("hub_token", "local_rank", "resume_from_checkpoint", "overwrite_output_dir", "train_scheduler")
+TRAIN_SCHEDULER = "ddpm"  # whose add_noise gives q(x_t | x_0) during training; DDIM's is the same function
+
+# What diffusers' flags that have nothing to switch on here do instead: logged once by `resolve_settings`.
+XFORMERS_NOTE = (
+    "--enable_xformers_memory_efficient_attention: xformers is not used; the UNet's attention already runs PyTorch's "
+    "scaled_dot_product_attention (diffusers' AttnProcessor2_0, the default), which picks a memory-efficient or "
+    "flash kernel by itself."
+)
+PRESERVE_PRECISION_NOTE = (
+    "--preserve_input_precision: already how images are read: 16-bit images (PIL modes I;16, I) are scaled by 65535 "
+    "into float32, never converted to 8-bit RGB, on the memory, workers and streaming paths; 8-bit images stay "
+    "8-bit; a data cache built before (--data_loading auto reuses it) holds 8 bits per pixel."
+)
+TRAIN_SCHEDULER_NOTE = (
+    "--train_scheduler is deprecated and ignored: DDPM and DDIM share q(x_t | x_0) (one add_noise), so both "
+    "trained the same model; it no longer has to match on resume. Sampling uses --validation_scheduler."
+)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -172,11 +194,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="Zero terminal SNR (Lin et al. 2023); needs --prediction_type v_prediction or sample.",
     )
-    for flag, default, role in (
-        ("--train_scheduler", "ddpm", "whose add_noise defines q(x_t | x_0) during training"),
-        ("--validation_scheduler", "ddim", "used for validation samples and saved in the pipeline folder"),
-    ):
-        p.add_argument(flag, type=str, default=default, choices=tuple(SCHEDULERS), help=f"Our scheduler {role}.")
+    p.add_argument(
+        "--validation_scheduler",
+        type=str,
+        default="ddim",
+        choices=tuple(SCHEDULERS),
+        help="Our scheduler used for validation samples and saved in the pipeline folder.",
+    )
+    p.add_argument(
+        "--train_scheduler",
+        type=str,
+        default=None,
+        choices=tuple(SCHEDULERS),
+        help="Deprecated, ignored (a warning says so): DDPM and DDIM share q(x_t | x_0), so both trained one model.",
+    )
     p.add_argument(
         "--num_class_embeds",
         type=int,
@@ -298,6 +329,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--hub_token", type=str, default=None)
     p.add_argument("--hub_model_id", type=str, default=None)
     p.add_argument("--hub_private_repo", action="store_true")
+    # ---- diffusers' flags with nothing to switch on here (resolve_settings logs what happens instead) ----
+    p.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Accepted for diffusers' command lines: attention already runs PyTorch's scaled_dot_product_attention.",
+    )
+    p.add_argument(
+        "--preserve_input_precision",
+        action="store_true",
+        help="Accepted for diffusers' command lines: 16-bit images are always read at 16 bits (not with "
+        "--data_loading cache, which holds 8 bits and is refused with this flag).",
+    )
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -378,8 +421,13 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("pass only one of --dataset_name and --train_data_dir.")
+    if args.preserve_input_precision and args.data_loading == "cache":
+        raise ValueError(
+            "--preserve_input_precision with --data_loading='cache': the cache holds 8 bits per pixel; "
+            "use --data_loading workers or memory to keep 16-bit images at 16 bits."
+        )
     try:  # the schedulers own the zero-SNR × ε check (and every other config check): ask them.
-        for kind in {args.train_scheduler, args.validation_scheduler}:
+        for kind in {TRAIN_SCHEDULER, args.validation_scheduler}:
             make_scheduler(args, kind)
     except ValueError as err:
         raise ValueError(
@@ -430,12 +478,21 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     else:
         preset, defaults = "width-scaled", width_scaled_defaults(widest_block(unet_config))
     resolved = {name: value for name, value in defaults.items() if getattr(args, name) is None}
+    if int(os.environ.get("LOCAL_RANK", "0")) <= 0:  # once per machine; warnings: logging is not configured yet
+        for given, note in (
+            (args.train_scheduler is not None, TRAIN_SCHEDULER_NOTE),
+            (args.enable_xformers_memory_efficient_attention, XFORMERS_NOTE),
+            (args.preserve_input_precision, PRESERVE_PRECISION_NOTE),
+        ):
+            if given:
+                logger.warning(note)
     switches = {name: getattr(args, name) == "yes" or (getattr(args, name) == "auto" and not cpu) for name in SWITCHES}
     return Settings(
         **{
             **vars(args),
             **resolved,
             **switches,
+            "train_scheduler": TRAIN_SCHEDULER,
             "requested_data_on_device": args.data_on_device,
             "unet_config": unet_config,
             "preset": preset,

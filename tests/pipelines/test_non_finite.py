@@ -5,11 +5,34 @@ pipeline returned all-black images without a word. On an accelerator the check i
 (no host synchronisation per step); `_defer_finite_check = True` runs that path on the CPU.
 """
 
+import inspect
+
 import pytest
 import torch
 
 from custom_pipelines import TutorialImg2ImgPipeline, TutorialUnconditionalPipeline
-from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
+from schedulers import (
+    TutorialDDIMScheduler,
+    TutorialDDPMScheduler,
+    TutorialDPMSolverPlusPlusScheduler,
+    TutorialPFODEScheduler,
+    TutorialScoreSDEScheduler,
+)
+
+# Each way of keeping x̂_0 in range, with each scheduler whose config has it: the continuous schedulers have no
+# `clip_sample` key (from_config carries it along unused), so such a case ran with nothing kept in range.
+KEEP_IN_RANGE = [
+    pytest.param(cls, keep, id=f"{cls.__name__}-{keep}")
+    for cls in (
+        TutorialDDPMScheduler,
+        TutorialDDIMScheduler,
+        TutorialDPMSolverPlusPlusScheduler,
+        TutorialPFODEScheduler,
+        TutorialScoreSDEScheduler,
+    )
+    for keep in ("clip_sample", "thresholding")
+    if keep in cls().config
+]
 
 
 def poisoned(unet, at_call: int, value: float):
@@ -26,9 +49,12 @@ def poisoned(unet, at_call: int, value: float):
 
 
 @pytest.mark.parametrize("defer", [False, True], ids=["at-once", "deferred"])
-@pytest.mark.parametrize("keep_in_range", ["clip_sample", "thresholding"])
-def test_plus_inf_from_the_model_raises_naming_the_step(tiny_unet, our_scheduler_cls, keep_in_range, defer):
-    scheduler = our_scheduler_cls.from_config(TutorialDDPMScheduler(**{keep_in_range: True}).config)
+@pytest.mark.parametrize("scheduler_cls, keep_in_range", KEEP_IN_RANGE)
+def test_plus_inf_from_the_model_raises_naming_the_step(tiny_unet, scheduler_cls, keep_in_range, defer):
+    scheduler = scheduler_cls.from_config(TutorialDDPMScheduler(**{keep_in_range: True}).config)
+    # The option under test is one of this scheduler's own config keys, and on (from_config also keeps unknown keys)
+    assert keep_in_range in inspect.signature(scheduler_cls.__init__).parameters
+    assert scheduler.config[keep_in_range] is True
     pipe = TutorialUnconditionalPipeline(unet=tiny_unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe._defer_finite_check = defer

@@ -135,14 +135,30 @@ def test_tutorial_ddpm_matches_hand_written_ancestral_sampling(tiny_unet):
 
 
 def test_diffusers_ddpm_pipeline_gets_euler_wrong(tiny_unet):
-    """The reason this pipeline exists: DDPMPipeline skips init_noise_sigma and scale_model_input."""
+    """The reason this pipeline exists: DDPMPipeline skips init_noise_sigma and scale_model_input. Its output is
+    exactly that wrong loop, x_T ~ N(0, I) (not σ_max² I) and ε̂(x, t) (not ε̂(x/√(σ²+1), t)), written out here;
+    ours is the right one (test_euler_matches_hand_written_karras_euler), and the two are far apart."""
     sched = EulerDiscreteScheduler()
     ours, _ = _final_sample(_pipe(tiny_unet, EulerDiscreteScheduler.from_config(sched.config)))
-    theirs = DDPMPipeline(unet=tiny_unet, scheduler=EulerDiscreteScheduler.from_config(sched.config))
+    euler = EulerDiscreteScheduler.from_config(sched.config)
+    euler_step, last = euler.step, []
+    euler.step = lambda *args, **kwargs: last.append(euler_step(*args, **kwargs)) or last[-1]  # keep x_0 unclamped
+    theirs = DDPMPipeline(unet=tiny_unet, scheduler=euler)
     theirs.set_progress_bar_config(disable=True)
     img = theirs(
         batch_size=SHAPE[0], generator=torch.Generator().manual_seed(SEED), num_inference_steps=STEPS, output_type="np"
     ).images
+
+    sched.set_timesteps(STEPS)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED))  # no init_noise_sigma
+    sigmas = sched.sigmas
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            x = x + (sigmas[i + 1] - sigmas[i]) * tiny_unet(x, t).sample  # no c_in = 1/√(σ²+1)
+    torch.testing.assert_close(last[-1].prev_sample, x, atol=1e-5, rtol=1e-5)
+    wrong_img = ((x / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()  # DDPMPipeline's mapping to [0, 1]
+    np.testing.assert_allclose(img, wrong_img, rtol=0, atol=1e-5)
+
     ours_img = ((ours / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
     assert np.abs(img - ours_img).max() > 0.05
 

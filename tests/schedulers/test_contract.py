@@ -44,7 +44,9 @@ VARIANTS = {TutorialScoreSDEScheduler: dict(corrector="langevin", sde_type="ve")
 
 
 def make(cls, **config):
-    return cls.from_config({**DDPMScheduler(**SHARED_CONFIG).config, **VARIANTS.get(cls, {}), **config})
+    # `config` goes in as keyword arguments: from_config drops the keys of a config that were left at their defaults
+    # (its `_use_default_values`), so `clip_sample_range=1.5` merged into diffusers' DDPM config would become 1.0.
+    return cls.from_config({**DDPMScheduler(**SHARED_CONFIG).config, **VARIANTS.get(cls, {})}, **config)
 
 
 def step_kwargs(scheduler, generator):
@@ -273,18 +275,30 @@ def test_add_noise_takes_one_timestep_per_sample(scheduler_cls):
         s.add_noise(x0, eps, torch.tensor([0, -1, 3]))
 
 
+# Each way of keeping x̂_0 in range, with the schedulers whose config has it: the continuous schedulers have no
+# `clip_sample` key, so a clip_sample case there tested nothing.
+KEEP_IN_RANGE = [
+    pytest.param(cls, keep, id=f"{cls.__name__}-{keep}")
+    for cls in OUR_SCHEDULERS
+    for keep in ("clip_sample", "thresholding")
+    if keep in cls().config
+]
+
+
+def keeping_in_range(cls, keep_in_range, **config):
+    options = {key: key == keep_in_range for key in ("clip_sample", "thresholding") if key in cls().config}
+    s = make(cls, **options, **config)
+    assert s.config[keep_in_range] is True  # the option under test is on in this scheduler's own config
+    return s
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-@pytest.mark.parametrize("keep_in_range", ["clip_sample", "thresholding"])
+@pytest.mark.parametrize("scheduler_cls, keep_in_range", KEEP_IN_RANGE)
 def test_a_non_finite_model_output_is_never_hidden(scheduler_cls, bad, keep_in_range):
     """Clipping x̂_0 to [-1, 1] used to turn +inf into 1: black images and no error. Every step must return a
     non-finite sample for a non-finite model output, whatever keeps x̂_0 in range (issue #11.6)."""
     for prediction_type in tm.PREDICTION_TYPES:
-        s = make(
-            scheduler_cls,
-            prediction_type=prediction_type,
-            clip_sample=keep_in_range == "clip_sample",
-            thresholding=keep_in_range == "thresholding",
-        )
+        s = keeping_in_range(scheduler_cls, keep_in_range, prediction_type=prediction_type)
         s.set_timesteps(4)
         x = torch.randn(2, 3, 4, 4)
         out = torch.zeros_like(x)
@@ -292,6 +306,28 @@ def test_a_non_finite_model_output_is_never_hidden(scheduler_cls, bad, keep_in_r
         for t in s.timesteps:  # every entry, the last (x̂_0 at t = 0) included
             result = s.step(out, t, x, **step_kwargs(s, torch.Generator().manual_seed(0)))
             assert not bool(torch.isfinite(result.prev_sample[1]).all()), (prediction_type, float(t))
+
+
+@pytest.mark.parametrize("scheduler_cls", [c for c in OUR_SCHEDULERS if "clip_sample" in c().config])
+def test_clip_sample_clips_x0_to_its_range(scheduler_cls):
+    """`clip_sample`: x̂_0 (DDPM eq. (15) for ε, x̂_0 = √ᾱ x_t - √(1-ᾱ) v for v) is clamped to ±clip_sample_range,
+    computed here by hand in float64 at every step of the grid, for every prediction type."""
+    for prediction_type in tm.PREDICTION_TYPES:
+        s = keeping_in_range(scheduler_cls, "clip_sample", prediction_type=prediction_type, clip_sample_range=1.5)
+        s.set_timesteps(4)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        out = 3 * torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)  # x̂_0 well outside ±1.5
+        for t in s.timesteps:
+            ab = float(s.alpha_bar[int(t)])
+            x0 = {
+                "epsilon": (x - math.sqrt(1 - ab) * out) / math.sqrt(ab),
+                "sample": out,
+                "v_prediction": math.sqrt(ab) * x - math.sqrt(1 - ab) * out,
+            }[prediction_type]
+            assert bool((x0.abs() > 1.5).any())  # the clamp has something to do
+            got = s.step(out, t, x, **step_kwargs(s, torch.Generator().manual_seed(0))).pred_original_sample
+            torch.testing.assert_close(got, x0.clamp(-1.5, 1.5), rtol=1e-12, atol=1e-12)
 
 
 def test_bad_arguments_name_the_argument_and_the_choices(scheduler_cls):

@@ -30,18 +30,29 @@ def test_ddim_steps_to_the_grids_own_next_timestep(spacing, n):
     ours.set_timesteps(n)
     ref.set_timesteps(n)
     grid = ours.timesteps.tolist()
+    assert ref.timesteps.tolist() == grid  # the same grid: only the step's target differs
     diffusers_prev = [t - T // n for t in grid]
     ours_prev = [ours.previous_timestep(t) for t in grid]
     assert ours_prev == grid[1:] + [-1]
     assert ours_prev != diffusers_prev  # diffusers' target is off the grid
 
+    def table(scheduler, t):  # ᾱ_t of a scheduler's own table; ᾱ = 1 past the end (set_alpha_to_one)
+        return 1.0 if t < 0 else float(getattr(scheduler, "alpha_bar", scheduler.alphas_cumprod)[t])
+
     x = torch.randn(3, 4, dtype=torch.float64)
     eps = torch.randn(3, 4, dtype=torch.float64)
-    for t, t_prev in zip(grid, ours_prev):
-        alpha_bar_prev = 1.0 if t_prev < 0 else float(ours.alpha_bar[t_prev])
-        expected = ddim_eq12(x, eps, float(ours.alpha_bar[t]), alpha_bar_prev)
+    gaps = []
+    for t, t_prev, t_diffusers in zip(grid, ours_prev, diffusers_prev):
+        expected = ddim_eq12(x, eps, table(ours, t), table(ours, t_prev))
         got = ours.step(eps, t, x).prev_sample
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        # diffusers lands on eq. (12) at t - T//N, which is not the grid's next timestep (its square roots of ᾱ are
+        # taken in float32: tolerance 1e-6)
+        theirs = ref.step(eps, t, x).prev_sample
+        expected_diffusers = ddim_eq12(x, eps, table(ref, t), table(ref, t_diffusers))
+        torch.testing.assert_close(theirs, expected_diffusers, rtol=1e-6, atol=1e-6)
+        gaps.append(float((theirs - got).abs().max()))
+    assert max(gaps) > 1e-2  # and the two targets are visibly different points
 
 
 def test_ddim_trailing_deterministic_sampling_ends_at_x0():
