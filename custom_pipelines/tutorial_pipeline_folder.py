@@ -113,7 +113,11 @@ def _replace(new: str, target: str, aside: str) -> None:
         os.replace(new, target)  # a file over a file, or into a free name: atomic everywhere
     elif not _exchange(new, target):  # a folder involved and no atomic swap here: two renames
         os.rename(target, aside)
-        os.rename(new, target)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(aside, target)  # the old entry back in place rather than removed with the staging folder
+            raise
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ folder loads at every moment of the swap, each component whole.
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,8 +187,9 @@ def test_a_save_that_fails_midway_leaves_the_old_save_loadable_in_a_fresh_proces
         before = _tree(folder)
         with pytest.MonkeyPatch.context() as mp:
             inject(mp)
-            with pytest.raises(OSError, match="injected"):
+            with pytest.raises(tutorial_pipeline_saving.PipelineSaveError, match="injected") as caught:
                 new_pipe.save_pretrained(folder, sample_images=torch.rand(2, 3, 8, 8))
+        assert f"Could not save the pipeline to {str(folder)!r} (writing the save): OSError: " in str(caught.value)
         assert _tree(folder) == before, name  # every file as it was, no staging folder left behind
         assert sorted(p.name for p in folder.iterdir()) == sorted({p.name for p in (tmp_path / name).iterdir()})
 
@@ -205,6 +207,124 @@ def test_a_save_that_fails_midway_leaves_the_old_save_loadable_in_a_fresh_proces
     print("RESULT:" + json.dumps(res))
     """
     assert fresh_python(script, tmp_path, block_our_packages=True) == {name: 0.0 for name in FAULTS}
+
+
+def test_a_full_disk_while_writing_a_config_names_the_folder_and_the_cause(old_pipe, new_pipe, tmp_path, monkeypatch):
+    """ENOSPC from `open` (diffusers writes each component's config with it): an OSError naming the folder, the step
+    and the cause; no staging folder left; the earlier save as it was and loading."""
+    import builtins
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    _add_not_owned(folder)
+    old_pipe.save_pretrained(folder)
+    before = _tree(folder)
+    real_open = builtins.open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).endswith("scheduler_config.json"):
+            raise OSError(28, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    with pytest.raises(tutorial_pipeline_saving.PipelineSaveError) as caught:
+        new_pipe.save_pretrained(folder)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert message.startswith(f"Could not save the pipeline to {str(folder)!r} (writing the save): OSError: ")
+    assert "No space left on device" in message and "scheduler_config.json" in message
+    assert caught.value.errno == 28 and isinstance(caught.value, OSError)
+    assert _tree(folder) == before  # no staging folder, every file as it was
+    torch.testing.assert_close(
+        _images(TutorialUnconditionalPipeline.from_pretrained(folder)), _images(old_pipe), rtol=0, atol=0
+    )
+
+
+def test_a_write_error_in_safetensors_own_writer_names_the_folder(old_pipe, new_pipe, tmp_path, fresh_python):
+    """A real I/O error inside safetensors' writer (a file-size limit, as a full disk would stop it) arrives as its
+    `SafetensorError`, not an `OSError`: it too becomes a PipelineSaveError naming the folder, and nothing is left."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    _add_not_owned(folder)
+    old_pipe.save_pretrained(folder)
+    new_pipe.save_pretrained(tmp_path / "new_unet_only")
+    torch.save(_images(old_pipe), tmp_path / "old.pt")
+    weights = (tmp_path / "new_unet_only" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    limit = weights // 2  # below the weights, above every config and code file
+    assert limit > max(p.stat().st_size for p in (tmp_path / "new_unet_only").rglob("*") if p.suffix != ".safetensors")
+    script = f"""
+    import json, resource, signal, torch
+    from pathlib import Path
+    from diffusers import UNet2DModel
+    from custom_pipelines import TutorialUnconditionalPipeline, tutorial_pipeline_saving
+    from schedulers import TutorialDDIMScheduler
+
+    folder = Path({str(folder)!r})
+    tree = lambda: {{str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}}
+    before = tree()
+    new = TutorialUnconditionalPipeline(unet=UNet2DModel.from_pretrained({str(tmp_path / "new_unet_only")!r},
+                                        subfolder="unet"), scheduler=TutorialDDIMScheduler())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, hard))
+    try:
+        new.save_pretrained(folder)
+        error = None
+    except Exception as err:
+        error = dict(type=type(err).__name__, is_oserror=isinstance(err, OSError), message=str(err),
+                     cause=type(err.__cause__).__name__)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    pipe = TutorialUnconditionalPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed({SEED}), num_inference_steps={STEPS},
+                  output_type="pt").images
+    print("RESULT:" + json.dumps(dict(error=error, unchanged=tree() == before,
+                                      max_diff=float((images - torch.load({str(tmp_path / "old.pt")!r})).abs().max()))))
+    """
+    res = fresh_python(script, tmp_path)
+    error = res["error"]
+    assert error is not None, "the save under the file-size limit did not fail"
+    assert error["type"] == "PipelineSaveError" and error["is_oserror"] and error["cause"] == "SafetensorError"
+    assert error["message"].startswith(f"Could not save the pipeline to {str(folder)!r} (writing the save): ")
+    assert "File too large" in error["message"]
+    assert res["unchanged"] and res["max_diff"] == 0.0
+
+
+# ---- save_pretrained(..., push_to_hub=True) uploads only what the save wrote -------------------------------------------
+def test_save_with_push_to_hub_uploads_only_the_files_of_the_save(old_pipe, new_pipe, tmp_path, monkeypatch):
+    """The Hub is simulated at huggingface_hub's boundary; `upload_folder` selects files as huggingface_hub does
+    (`filter_repo_objects` with the call's `allow_patterns` / `ignore_patterns`)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    uploads = []
+
+    def create_repo(api, repo_id, private=None, exist_ok=False, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(api, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = _tree(Path(folder_path))
+        chosen = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        uploads.append(dict(repo_id=repo_id, files={rel: files[rel] for rel in chosen}))
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    folder, reference = tmp_path / "run", tmp_path / "reference"
+    folder.mkdir()
+    _add_not_owned(folder)
+    (folder / "previous-run").mkdir()  # a run set aside, with its own pipeline files
+    (folder / "previous-run" / "model_index.json").write_text("{}")
+    old_pipe.save_pretrained(folder, variant="fp16", sample_images=torch.rand(3, 3, 8, 8))  # stale files to remove
+
+    samples = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    new_pipe.save_pretrained(folder, sample_images=samples, push_to_hub=True, repo_id="me/tiny")
+    new_pipe.save_pretrained(reference, sample_images=samples, repo_id="me/tiny")
+
+    (upload,) = uploads
+    assert upload["repo_id"] == "me/tiny"
+    assert upload["files"] == _tree(reference)  # the save's files, byte for byte, and nothing else
 
 
 # ---- every moment of the swap: each entry whole, model_index.json last --------------------------------------------------

@@ -260,7 +260,9 @@ def test_unknown_component_class_is_reported(folders, tmp_path):
     index["scheduler"] = ["scheduling_somebody_else", "SomebodyElsesScheduler"]
     (path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(
-        ValueError, match="scheduler: class 'SomebodyElsesScheduler' .* neither in diffusers nor imported"
+        ValueError,
+        match=r"scheduler: class 'SomebodyElsesScheduler' of module 'scheduling_somebody_else' named in model_index."
+        r"json is not found in schedulers.scheduling_somebody_else or custom_pipelines.scheduling_somebody_else",
     ):
         TutorialUnconditionalPipeline.from_pretrained(path)
 
@@ -451,12 +453,12 @@ def test_scheduler_module_not_yet_imported_is_found_by_its_file_name(tmp_path, m
         "class ZzzShippedScheduler(SchedulerMixin, ConfigMixin):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(tutorial_pipeline_loading, "_SCHEDULER_PACKAGE", "zzz_tutorial_pkg")
+    monkeypatch.setattr(tutorial_pipeline_loading, "_OUR_PACKAGES", ("zzz_tutorial_pkg",))
     assert "zzz_tutorial_pkg.scheduling_zzz" not in sys.modules
     # Folders saved before the entry files went away record `<stem>_entry`; the installed `<stem>` is still found.
     klass = tutorial_pipeline_loading.find_class("ZzzShippedScheduler", "scheduler", "scheduling_zzz_entry")
     assert klass.__module__ == "zzz_tutorial_pkg.scheduling_zzz"
-    with pytest.raises(ValueError, match="'NoSuchScheduler' named in model_index.json is neither"):
+    with pytest.raises(ValueError, match="'NoSuchScheduler' of module 'scheduling_nothing_here' named in"):
         tutorial_pipeline_loading.find_class("NoSuchScheduler", "scheduler", "scheduling_nothing_here")
 
 

@@ -9,11 +9,13 @@ source (with its sibling files) to `scheduler/`, and write list-form `model_inde
 This file is shipped inside saved folders: it imports only torch, numpy, PIL, diffusers and huggingface_hub.
 """
 
+import glob
 import inspect
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import List, Optional, Sequence, Union
 
@@ -35,6 +37,25 @@ DEFAULT_NUM_INFERENCE_STEPS = 50
 # diffusers' remote-code loader finds sibling files only through lines of these two forms
 # (diffusers.utils.dynamic_modules_utils.get_relative_imports); `from . import x` is invisible to it.
 _DETECTABLE_RELATIVE_IMPORT = (r"^\s*import\s+\.(\S+)\s*$", r"^\s*from\s+\.(\S+)\s+import")
+
+
+class PipelineSaveError(OSError):
+    """`save_pretrained` could not write into a pipeline folder: the message names the folder, the step and the cause
+    (`__cause__`; `errno` is the cause's). A failure while writing leaves the folder exactly as it was."""
+
+    def __init__(self, folder: str, step: str, cause: BaseException):
+        if step == "swapping the save in":
+            state = (
+                "Some entries may already be the new save's, each one whole, and the folder still loads; save again."
+            )
+        else:
+            state = "The folder is as it was before this save (an earlier save in it still loads)."
+        super().__init__(
+            f"Could not save the pipeline to {folder!r} ({step}): {type(cause).__name__}: {cause}. {state} "
+            "The save's temporary folder is removed."
+        )
+        self.errno = getattr(cause, "errno", None)
+        self.folder = folder
 
 
 class TutorialSavingMixin:
@@ -81,8 +102,9 @@ class TutorialSavingMixin:
             save_directory (`str` or `os.PathLike`): the folder (created if missing).
             safe_serialization (`bool`, defaults to `True`): UNet weights as safetensors.
             variant (`str`, *optional*): weights variant suffix, as in diffusers.
-            push_to_hub (`bool`, defaults to `False`): also upload the folder with `push_to_hub` (then `repo_id` may be
-                passed in `kwargs`; it defaults to the folder's name).
+            push_to_hub (`bool`, defaults to `False`): then upload the files this save wrote, and nothing else of the
+                folder (`HfApi.upload_folder` with `allow_patterns`); `token`, `private`, `commit_message`, `create_pr`
+                may be passed in `kwargs`.
             num_inference_steps (`int`, *optional*): the number of sampling steps the model card recommends; defaults
                 to the scheduler's last `set_timesteps` or 50.
             sample_images (`list`, *optional*): PIL images, an array (B, H, W, C) in [0, 1] or a tensor (B, C, H, W)
@@ -94,34 +116,59 @@ class TutorialSavingMixin:
 
         Returns:
             `None`, or the upload's `CommitInfo` when `push_to_hub=True`.
+
+        Raises:
+            `PipelineSaveError` (an `OSError`): writing failed (a full disk, a permission); the message names the folder,
+                the step and the cause, the staging folder is removed and, if it failed while writing, the folder is
+                exactly as it was.
         """
         save_directory = os.fspath(save_directory)
         if os.path.exists(save_directory) and not os.path.isdir(save_directory):
             raise ValueError(f"save_directory={save_directory!r} is a file; pass a folder (created if missing).")
         if push_to_hub and repo_id is None:
             repo_id = os.path.basename(os.path.normpath(save_directory))
-        os.makedirs(save_directory, exist_ok=True)
-        for name in os.listdir(save_directory):  # staging folders of saves that were killed
-            if name.startswith(SAVE_STAGING_PREFIX):
-                shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
-        staging = tempfile.mkdtemp(prefix=SAVE_STAGING_PREFIX, dir=save_directory)
+        written = self._write_and_swap_in(
+            save_directory,
+            dict(safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size),
+            dict(num_inference_steps=num_inference_steps, extra_text=model_card_text, repo_id=repo_id),
+            sample_images,
+        )
+        if push_to_hub:  # only what this save wrote: never a training run's checkpoints, logs or the user's files
+            return _upload_folder(save_directory, repo_id, allow_patterns=[glob.escape(f) for f in written], **kwargs)
+        return None
+
+    def _write_and_swap_in(
+        self, save_directory: str, diffusers_options: dict, card_options: dict, sample_images
+    ) -> List[str]:
+        """Write the whole save into a staging folder inside `save_directory`, then swap it in (`swap_in`).
+
+        Returns the files the save wrote, relative to the folder, with `/` separators. Raises `PipelineSaveError`
+        (an `OSError`) naming the folder, the step and the cause when writing fails; the staging folder is removed.
+        """
+        step = "preparing the folder"
+        staging = None
         try:
-            super().save_pretrained(
-                staging, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
-            )
+            os.makedirs(save_directory, exist_ok=True)
+            for name in os.listdir(save_directory):  # staging folders of saves that were killed
+                if name.startswith(SAVE_STAGING_PREFIX):
+                    shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+            staging = tempfile.mkdtemp(prefix=SAVE_STAGING_PREFIX, dir=save_directory)
+            step = "writing the save"
+            super().save_pretrained(staging, **diffusers_options)
             self.save_code(staging)
             sample_files = _write_sample_images(sample_images, staging)
-            card = self.model_card(
-                num_inference_steps, sample_files=sample_files, extra_text=model_card_text, repo_id=repo_id
-            )
+            card = self.model_card(sample_files=sample_files, **card_options)
             with open(os.path.join(staging, MODEL_CARD), "w", encoding="utf-8") as f:
                 f.write(card)
+            written = _files_under(staging)
+            step = "swapping the save in"
             swap_in(staging, save_directory)
+        except _write_errors() as err:
+            raise PipelineSaveError(save_directory, step, err) from err
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if push_to_hub:
-            return _upload_folder(save_directory, repo_id, **kwargs)
-        return None
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return written
 
     def save_code(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write the code part of a self-contained folder: our code files and a list-form `model_index.json`.
@@ -312,8 +359,27 @@ def ship_module(klass: type, target_dir: str) -> str:
     return os.path.splitext(os.path.basename(source))[0]
 
 
-def _upload_folder(folder: str, repo_id: str, token=None, private=None, commit_message=None, create_pr=False):
-    """Create the repository if needed and upload `folder` to it as one commit."""
+def _write_errors() -> tuple:
+    """What a failed write raises: `OSError`, and safetensors' `SafetensorError` (its writer's I/O errors, e.g. a full
+    disk, arrive as that type, not as `OSError`), when safetensors is loaded."""
+    safetensors = sys.modules.get("safetensors")
+    safetensor_error = getattr(safetensors, "SafetensorError", None)
+    return (OSError,) if safetensor_error is None else (OSError, safetensor_error)
+
+
+def _files_under(folder: str) -> List[str]:
+    """Every file below `folder`, relative to it, with `/` separators (the paths they get in a Hub repository)."""
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+
+
+def _upload_folder(
+    folder: str, repo_id: str, token=None, private=None, commit_message=None, create_pr=False, allow_patterns=None
+):
+    """Create the repository if needed and upload `folder` to it as one commit (only `allow_patterns`, when given)."""
     import huggingface_hub
 
     api = huggingface_hub.HfApi(token=token)
@@ -323,6 +389,7 @@ def _upload_folder(folder: str, repo_id: str, token=None, private=None, commit_m
         folder_path=folder,
         commit_message=commit_message or "Upload pipeline",
         create_pr=create_pr,
+        allow_patterns=allow_patterns,
     )
 
 
