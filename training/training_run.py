@@ -157,6 +157,7 @@ def load_training_data(settings: Settings, accelerator: Accelerator):
                 data_cache_dir=cache_dir,
                 num_workers=settings.dataloader_num_workers,
                 local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+                eight_bit_ok=not settings.preserve_input_precision,
                 builder=accelerator.is_local_main_process,
                 failure_marker=os.path.join(cache_dir, f".failed-{run_token(accelerator)}"),
             )

@@ -108,6 +108,7 @@ def test_auto_holds_small_data_in_ram_decodes_large_data_per_batch_and_reuses_a_
     _build(folder, tmp_path, "cache")
     again = _build(folder, tmp_path, "auto")
     assert again.path == "cache" and "built before" in again.reason
+    assert _build(folder, tmp_path, "auto", eight_bit_ok=False).path == "workers"  # --preserve_input_precision
     digits = data.build_dataset(data_loading="auto")
     assert digits.path == "memory" and "digits" in digits.reason
 

@@ -62,10 +62,11 @@ def default_num_workers(path: str, local_processes: int = 1) -> int:
     return share if path == "workers" else min(2, share)
 
 
-def choose_path(requested: str, source, cache_dir: str, channels, resolution, center_crop):
+def choose_path(requested: str, source, cache_dir: str, channels, resolution, center_crop, eight_bit_ok=True):
     """`(path, reason)` for `--data_loading requested`; `auto` prefers a cache built before, then RAM if small.
 
     Only `auto` looks for a cache (which hashes every file's size and time); an explicit path starts without it.
+    Without `eight_bit_ok` (`--preserve_input_precision`) `auto` never picks the cache, which holds 8 bits.
     """
     if requested not in DATA_LOADINGS:
         raise ValueError(f"--data_loading={requested!r} is not supported; choose one of {DATA_LOADINGS}.")
@@ -75,9 +76,10 @@ def choose_path(requested: str, source, cache_dir: str, channels, resolution, ce
     described = f"{len(source)} images, about {size / 1e6:.0f} MB of uint8 pixels"
     if requested != "auto":
         return requested, f"--data_loading {requested} ({described})"
-    folder = data_cache.cache_folder(cache_dir, data_cache.cache_key(source, resolution, channels, center_crop))
-    if os.path.exists(os.path.join(folder, data_cache.META)):
-        return "cache", f"a data cache of this data was built before ({folder})"
+    if eight_bit_ok:
+        folder = data_cache.cache_folder(cache_dir, data_cache.cache_key(source, resolution, channels, center_crop))
+        if os.path.exists(os.path.join(folder, data_cache.META)):
+            return "cache", f"a data cache of this data was built before ({folder})"
     if size <= MEMORY_PATH_MAX_BYTES:
         return "memory", f"{described}: at most {MEMORY_PATH_MAX_BYTES // 2**20} MiB, held in RAM"
     return "workers", (
@@ -104,6 +106,7 @@ def build_dataset(
     data_cache_dir: Optional[str] = None,
     num_workers: Optional[int] = None,
     local_processes: int = 1,
+    eight_bit_ok: bool = True,
     builder: bool = True,
     failure_marker: Optional[str] = None,
 ):
@@ -125,6 +128,8 @@ def build_dataset(
         data_cache_dir (`str`, *optional*): where the uint8 caches live (default `cache.default_cache_dir()`).
         num_workers (`int`, *optional*): processes that decode (default `default_num_workers`).
         local_processes (`int`): training processes on this machine (they share its cores).
+        eight_bit_ok (`bool`, defaults to True): whether `auto` may read a cache (8 bits per channel); False with
+            `--preserve_input_precision`.
         builder (`bool`): whether this process builds a missing cache (the local main one); the others wait.
         failure_marker (`str`, *optional*): the file a failed builder writes, which ends the others' wait.
 
@@ -138,7 +143,7 @@ def build_dataset(
         dataset_name, train_data_dir, dataset_config_name, cache_dir, image_column, label_column, max_train_samples
     )
     data_cache_dir = data_cache_dir or data_cache.default_cache_dir()
-    path, reason = choose_path(data_loading, source, data_cache_dir, channels, resolution, center_crop)
+    path, reason = choose_path(data_loading, source, data_cache_dir, channels, resolution, center_crop, eight_bit_ok)
     workers = default_num_workers(path, local_processes) if num_workers is None else num_workers
     if source is None:
         if channels != 1:
