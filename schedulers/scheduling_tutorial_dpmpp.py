@@ -25,6 +25,10 @@ as diffusers' "leading" spacing), and the last update is the first-order step to
 last evaluation (diffusers' `final_sigmas_type="zero"` with `lower_order_final`). Measured on the shipped digits
 network in notebook 09 and `benchmarks/bench_samplers.py`. From `FEW_STEPS` on, the end points come back, so the
 convergence order on an exact model is untouched.
+
+Placement (`step_placement="auto"`, the default): the few-step interior grid by Karras et al. 2022 eq. (5) (ρ = 7),
+where it won on trained networks; every grid with both end points (from `FEW_STEPS` on) uniform in λ, which is
+3-7x closer to the exact PF-ODE solution there than Karras' ρ = 7 (issue #21; both in `benchmarks/RESULTS.md`).
 """
 
 import math
@@ -37,7 +41,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_grids import STEP_PLACEMENTS  # noqa: F401  (shipped with this file: the base builds the grid with it)
+from .tutorial_grids import placement_half_log_snrs, timestep_at
 from .tutorial_math import alpha_bar_from_log_snr, check_choice
 
 # `tune_timesteps`, first defined here, lives in the leaf `tutorial_ode.py`; it keeps its old import path.
@@ -65,10 +69,11 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         trained_betas (`list[float]`, *optional*): explicit β_t, overriding `beta_schedule`.
         prediction_type (`str`, defaults to `"epsilon"`): `epsilon`, `sample` or `v_prediction`.
         solver_order (`int`, defaults to 2): 1 (DDIM), 2 (DPM-Solver++(2M)) or 3 (3M).
-        step_placement (`str`, defaults to `"karras"`): `logsnr` (uniform in λ), `karras` (Karras et al. 2022
-            eq. (5), exponent `rho`) or `time_uniform` (uniform in t). A tuned grid can be passed to
-            `set_timesteps(timesteps=...)`. `karras` with `few_step_interior` is the best few-step choice measured on
-            trained networks (`benchmarks/RESULTS.md`).
+        step_placement (`str`, defaults to `"auto"`): `logsnr` (uniform in λ), `karras` (Karras et al. 2022
+            eq. (5), exponent `rho`), `time_uniform` (uniform in t) or `auto`: `karras` for the few-step interior
+            grid (the best few-step choice measured on trained networks), `logsnr` for every grid with both end
+            points (the most accurate on the exact PF-ODE; `benchmarks/RESULTS.md`). A tuned grid can be passed to
+            `set_timesteps(timesteps=...)`.
         rho (`float`, defaults to 7.0): Karras' ρ.
         thresholding (`bool`, defaults to `False`): Imagen's dynamic thresholding of x̂_0.
         dynamic_thresholding_ratio (`float`, defaults to 0.995): its quantile.
@@ -94,7 +99,7 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
         prediction_type: str = "epsilon",
         solver_order: int = 2,
-        step_placement: str = "karras",
+        step_placement: str = "auto",
         rho: float = 7.0,
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
@@ -109,10 +114,14 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
 
     def _grid_from(self, num_inference_steps, timesteps):
         """The placement's grid, or below `FEW_STEPS` evaluations (with `few_step_interior`) its N + 2-point grid's
-        interior: N points = N model evaluations (module docstring)."""
+        interior: N points = N model evaluations (module docstring); `auto` places that interior by Karras' eq. (5)."""
         grid, half_log_snr = super()._grid_from(num_inference_steps, timesteps)  # validated at the door
         if self.config.few_step_interior and timesteps is None and grid.numel() < FEW_STEPS:
-            grid, half_log_snr = super()._grid_from(grid.numel() + 2, None)
+            if self.config.step_placement == "auto":  # the end points are dropped, so no need to pin them
+                half_log_snr = placement_half_log_snrs(grid.numel() + 2, self.half_log_snr, "karras", self.config.rho)
+                grid = timestep_at(half_log_snr, self.half_log_snr)
+            else:
+                grid, half_log_snr = super()._grid_from(grid.numel() + 2, None)
             grid, half_log_snr = grid[1:-1].clone(), half_log_snr[1:-1].clone()
         return grid, half_log_snr
 

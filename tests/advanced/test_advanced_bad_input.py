@@ -27,7 +27,7 @@ def test_snr_must_be_positive(snr):
         (
             TutorialDPMSolverPlusPlusScheduler,
             {"step_placement": "quadratic"},
-            r"step_placement='quadratic' is not supported; choose one of \('logsnr', 'karras', 'time_uniform'\)",
+            r"step_placement='quadratic' is not supported; choose one of \('logsnr', 'karras', 'time_uniform', 'auto'\)",
         ),
         (
             TutorialPFODEScheduler,

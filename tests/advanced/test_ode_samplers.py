@@ -205,7 +205,8 @@ def test_few_step_grid_skips_both_end_points_and_ends_with_the_step_to_sigma_zer
 
     cfg = ring_problem.ddpm.config
     s = TutorialDPMSolverPlusPlusScheduler.from_config(cfg)
-    full = TutorialDPMSolverPlusPlusScheduler.from_config(cfg, few_step_interior=False)
+    # The default ("auto") places the interior by Karras' eq. (5); the full grid is the same placement with end points.
+    full = TutorialDPMSolverPlusPlusScheduler.from_config(cfg, step_placement="karras", few_step_interior=False)
     for n in (2, 5, FEW_STEPS - 1):
         s.set_timesteps(n)
         full.set_timesteps(n + 2)
@@ -228,3 +229,43 @@ def test_few_step_grid_skips_both_end_points_and_ends_with_the_step_to_sigma_zer
     err_interior = ring_problem.error(sample_loop(ring_problem.model, s, ring_problem.x_T, 5), s)
     err_full = ring_problem.error(sample_loop(ring_problem.model, full, ring_problem.x_T, 5), full)
     assert err_interior < err_full, (err_interior, err_full)
+
+
+def test_default_placement_is_karras_for_few_steps_and_logsnr_with_end_points(ring_problem, tmp_path):
+    """Issue #21: `step_placement="auto"` (the default) keeps Karras' few-step interior grid and is λ-uniform from
+    FEW_STEPS on, where Karras' ρ = 7 with both end points is 3-4x further from the exact PF-ODE solution.
+
+    Errors on this ring problem (64 draws, mean distance to the reference), measured once: at 15 / 20 evaluations the
+    default 0.0170 / 0.0077, Karras everywhere (the default before #21) 0.0630 / 0.0277, so the bounds below fail for
+    it; at 10 evaluations both run the same grid, 0.0492, against 0.0534 for the λ-uniform grid with end points.
+    """
+    from schedulers.scheduling_tutorial_dpmpp import FEW_STEPS
+
+    cfg = ring_problem.ddpm.config
+    default = TutorialDPMSolverPlusPlusScheduler.from_config(cfg)
+    karras = TutorialDPMSolverPlusPlusScheduler.from_config(cfg, step_placement="karras")
+    logsnr = TutorialDPMSolverPlusPlusScheduler.from_config(cfg, step_placement="logsnr", few_step_interior=False)
+    assert default.config.step_placement == "auto"
+
+    def error(scheduler, n):
+        return ring_problem.error(sample_loop(ring_problem.model, scheduler, ring_problem.x_T, n), scheduler)
+
+    # Below FEW_STEPS: exactly the Karras interior grid (the trained-network few-step results).
+    for n in (2, 5, 10, FEW_STEPS - 1):
+        default.set_timesteps(n)
+        karras.set_timesteps(n)
+        assert torch.equal(default.timesteps, karras.timesteps), n
+    assert error(default, 10) < error(logsnr, 10)
+    # From FEW_STEPS on: the λ-uniform grid with both end points, within the bounds Karras' grid violates.
+    for n, bound in ((FEW_STEPS, 0.03), (20, 0.012)):
+        default.set_timesteps(n)
+        logsnr.set_timesteps(n)
+        assert torch.equal(default.timesteps, logsnr.timesteps), n
+        assert error(default, n) < bound < error(karras, n), n
+    # A saved config keeps its placement: one saved with `karras` still loads to Karras' grid at every N.
+    karras.save_config(tmp_path)
+    loaded = TutorialDPMSolverPlusPlusScheduler.from_config(TutorialDPMSolverPlusPlusScheduler.load_config(tmp_path))
+    assert loaded.config.step_placement == "karras"
+    loaded.set_timesteps(20)
+    karras.set_timesteps(20)
+    assert torch.equal(loaded.timesteps, karras.timesteps)

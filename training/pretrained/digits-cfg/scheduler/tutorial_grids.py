@@ -89,8 +89,9 @@ def validate_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int
 # ᾱ(t) = sigmoid(2 λ(t)), and where a continuous-time sampler puts its grid points
 # ----------------------------------------------------------------------------------------------------------------
 # Where the sampler's grid points go: uniform in λ (DPM-Solver's "logSNR"), Karras et al. 2022 eq. (5) in σ̄ = e^{-λ}
-# with exponent ρ, or uniform in the model's timestep t.
-STEP_PLACEMENTS = ("logsnr", "karras", "time_uniform")
+# with exponent ρ, or uniform in the model's timestep t. `auto` lets the sampler choose by step count: here (a full
+# grid) it is uniform in λ; DPM-Solver++ places its few-step interior grid by Karras' eq. (5) under it.
+STEP_PLACEMENTS = ("logsnr", "karras", "time_uniform", "auto")
 
 
 def half_log_snr_at(t, half_log_snr_table: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ def placement_half_log_snrs(
     Args:
         num_points (`int`): grid size N ≥ 2 (N - 1 solver steps).
         half_log_snr_table (`torch.Tensor`): the model's λ table.
-        step_placement (`str`): one of `STEP_PLACEMENTS`.
+        step_placement (`str`): one of `STEP_PLACEMENTS` (`auto` is uniform in λ for a full grid).
         rho (`float`): Karras et al. 2022's ρ (eq. (5)); only for `karras`.
 
     Returns:
@@ -157,7 +158,7 @@ def placement_half_log_snrs(
     check_choice("step_placement", step_placement, STEP_PLACEMENTS)
     half_log_snr_max, half_log_snr_min = float(half_log_snr_table[0]), float(half_log_snr_table[-1])
     u = torch.linspace(0, 1, num_points, dtype=torch.float64)
-    if step_placement == "logsnr":
+    if step_placement in ("logsnr", "auto"):
         return half_log_snr_min + u * (half_log_snr_max - half_log_snr_min)
     if step_placement == "karras":
         # Karras eq. (5): σ̄_i = (σ̄_max^{1/ρ} + i/(N-1) (σ̄_min^{1/ρ} - σ̄_max^{1/ρ}))^ρ with σ̄ = e^{-λ}.
