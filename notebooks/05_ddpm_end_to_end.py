@@ -80,7 +80,8 @@ tic = time.perf_counter()
 with contextlib.redirect_stderr(io.StringIO()) as log:  # keep the script's log lines, drop its progress bar
     final = train_unconditional.main(argv)
 train_seconds = time.perf_counter() - tic
-print("\n".join(line for line in log.getvalue().splitlines() if " INFO " in line))
+info = [line for line in log.getvalue().splitlines() if " INFO " in line]
+print("\n".join(line.replace(workdir.name, "<workdir>") for line in info))  # no local paths in the outputs
 print(f"{final['global_step']} updates in {train_seconds:.0f} s; wrote {sorted(p.name for p in output_dir.iterdir())}")
 
 # %%
