@@ -454,6 +454,7 @@ def test_scheduler_module_not_yet_imported_is_found_by_its_file_name(tmp_path, m
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(tutorial_pipeline_loading, "_OUR_PACKAGES", ("zzz_tutorial_pkg",))
+    monkeypatch.setattr(tutorial_pipeline_loading, "_SCHEDULERS", "zzz_tutorial_pkg")  # the package it imports from
     assert "zzz_tutorial_pkg.scheduling_zzz" not in sys.modules
     # Folders saved before the entry files went away record `<stem>_entry`; the installed `<stem>` is still found.
     klass = tutorial_pipeline_loading.find_class("ZzzShippedScheduler", "scheduler", "scheduling_zzz_entry")

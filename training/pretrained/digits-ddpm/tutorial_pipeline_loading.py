@@ -19,7 +19,10 @@ from diffusers import ModelMixin
 from .tutorial_pipeline_folder import MODEL_INDEX
 
 # Where this project's modules live when it is installed, in the order a shipped file's name is looked up.
-_OUR_PACKAGES = ("schedulers", "custom_pipelines")
+_DIFFUSERS = "diffusers"
+_SCHEDULERS = "schedulers"
+_PIPELINES = "custom_pipelines"
+_OUR_PACKAGES = (_SCHEDULERS, _PIPELINES)
 # Options diffusers' `ModelMixin.from_pretrained` takes, passed to every model loaded from the folder (the UNet).
 MODEL_OPTIONS = (
     "torch_dtype",
@@ -160,10 +163,16 @@ def _import_module(name: str):
     """The module `name`: imported if it is diffusers' or ours, else only if it is imported already; None if absent."""
     if name in sys.modules:
         return sys.modules[name]
-    if name.split(".")[0] not in ("diffusers",) + _OUR_PACKAGES:
-        return None
+    top, _, rest = name.partition(".")
     try:
-        return importlib.import_module(name)
+        # One literal package per call, so that the import layering stays checkable (tests/test_layering.py).
+        if top == _DIFFUSERS:
+            return importlib.import_module(f"{_DIFFUSERS}.{rest}") if rest else importlib.import_module(_DIFFUSERS)
+        if top == _SCHEDULERS:
+            return importlib.import_module(f"{_SCHEDULERS}.{rest}") if rest else importlib.import_module(_SCHEDULERS)
+        if top == _PIPELINES:
+            return importlib.import_module(f"{_PIPELINES}.{rest}") if rest else importlib.import_module(_PIPELINES)
+        return None
     except ModuleNotFoundError as err:
         missing = err.name or ""
         if name == missing or name.startswith(missing + "."):  # the module itself (or its package) is absent
