@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from training.data import load_digits_tensors
@@ -107,3 +108,50 @@ def test_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tmp_path, tiny_co
         "checkpoint-2",
         "checkpoint-4",
     ]
+
+
+@pytest.mark.parametrize("data_loading", ["workers", "cache"])
+def test_two_processes_on_the_workers_and_cache_paths_see_each_image_once_per_epoch(
+    tmp_path, tiny_config, data_loading
+):
+    """A folder of images on the paths for large data: with the cache, rank 0 builds it while rank 1 waits; with
+    workers, each rank decodes its share in 2 DataLoader workers. Either way one epoch covers each image once."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data import build_dataset
+
+    folder, out, dump, cache = tmp_path / "imgs", tmp_path / "run", tmp_path / "dump", tmp_path / "cache"
+    folder.mkdir()
+    dump.mkdir()
+    rng = np.random.RandomState(3)
+    for i in range(32):
+        Image.fromarray(rng.randint(0, 255, (10, 12), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    flags = ["--train_data_dir", folder, "--num_channels", 1, "--center_crop", "--max_train_samples", 32]
+    flags += ["--data_loading", data_loading, "--data_cache_dir", cache, "--dataloader_num_workers", 2]
+    argv = tiny_args(tiny_config, out, "--max_train_steps", 4, "--checkpointing_steps", 100, *flags)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    res = subprocess.run(
+        [*cmd, WORKER, *map(str, argv)],
+        cwd=ROOT,
+        env=subprocess_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", DIST_DUMP=str(dump)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"data path: {data_loading}" in res.stderr
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    ds = build_dataset(train_data_dir=str(folder), resolution=8, channels=1, center_crop=True, data_loading="memory")
+    images = torch.stack([ds[i]["images"] for i in range(len(ds))])
+    assert len(images.flatten(1).unique(dim=0)) == 32
+    assert len(r0["seen"]) == len(r1["seen"]) == 4  # 2 micro-batches of 8 per rank and epoch, 2 epochs
+    for epoch in range(2):
+        i0 = dataset_indices(r0["seen"][2 * epoch : 2 * epoch + 2], images)
+        i1 = dataset_indices(r1["seen"][2 * epoch : 2 * epoch + 2], images)
+        assert not set(i0) & set(i1) and sorted(i0 + i1) == list(range(32))
+    if data_loading == "cache":  # built once, by one process, and nothing half-written beside it
+        assert len([n for n in os.listdir(cache) if not n.startswith(".")]) == 1
+        assert res.stderr.count("building the data cache") == 1
