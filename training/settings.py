@@ -101,7 +101,7 @@ XFORMERS_NOTE = (
 PRESERVE_PRECISION_NOTE = (
     "--preserve_input_precision: already how images are read: 16-bit images (PIL modes I;16, I) are scaled by 65535 "
     "into float32, never converted to 8-bit RGB, on the memory, workers and streaming paths; 8-bit images stay "
-    "8-bit; a data cache built before (--data_loading auto reuses it) holds 8 bits per pixel."
+    "8-bit; --data_loading auto never reads a data cache (8 bits per pixel) under this flag."
 )
 TRAIN_SCHEDULER_NOTE = (
     "--train_scheduler is deprecated and ignored: DDPM and DDIM share q(x_t | x_0) (one add_noise), so both "
