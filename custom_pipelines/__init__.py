@@ -8,10 +8,28 @@ from .pipeline_tutorial_img2img import TutorialImg2ImgPipeline
 from .pipeline_tutorial_repaint import TutorialRePaintPipeline
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
 from .sampling_loop import sample_loop
+from .tutorial_operators import (
+    Blur,
+    Colorization,
+    Denoising,
+    Inpainting,
+    LinearOperator,
+    OperatorSVD,
+    RandomProjection,
+    SuperResolution,
+)
 from .tutorial_pipeline_utils import OUTPUT_TYPES, TutorialPipelineBase, TutorialPipelineOutput
 
 __all__ = [
     "OUTPUT_TYPES",
+    "Blur",
+    "Colorization",
+    "Denoising",
+    "Inpainting",
+    "LinearOperator",
+    "OperatorSVD",
+    "RandomProjection",
+    "SuperResolution",
     "TutorialClassConditionalPipeline",
     "TutorialDDIMInversionPipeline",
     "TutorialImg2ImgPipeline",
