@@ -1,9 +1,12 @@
 """Fixtures for the training tests: a tiny UNet config, tiny runs of the training script, a clean accelerate state."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,28 @@ def subprocess_env(**extra) -> dict:
 def run_script(args, timeout=240, env=None, launcher=None):
     cmd = (launcher or [sys.executable]) + [str(SCRIPT)] + list(map(str, args))
     return subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def training_in_background(args, output_dir, own_session=False, timeout=120):
+    """The training script in a subprocess, yielded once it has recorded its first update (or ended, or `timeout`
+    passed); killed on the way out if it still runs. `own_session`: a process group of its own, as a terminal gives a
+    job (`os.killpg(proc.pid, ...)` then reaches its DataLoader workers too)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=own_session,
+    )
+    try:
+        deadline = time.time() + timeout
+        while not (Path(output_dir) / "losses.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL) if own_session else proc.kill()
+            proc.communicate()

@@ -370,11 +370,9 @@ def test_ctrl_c_in_a_terminal_on_the_workers_path_saves_a_checkpoint_and_exits_1
     """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included: they must outlive it so
     that the run can finish its update and save."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    from .conftest import ROOT, SCRIPT, subprocess_env
+    from .conftest import training_in_background
 
     folder = _write_folder(tmp_path / "imgs", n=200)  # 25 batches an epoch: more than the workers prefetch
     out = tmp_path / "run"
@@ -398,24 +396,9 @@ def test_ctrl_c_in_a_terminal_on_the_workers_path_saves_a_checkpoint_and_exits_1
         "--logging_steps",
         1,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *map(str, argv)],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while not (out / "losses.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+    with training_in_background(argv, out, own_session=True) as proc:
         time.sleep(1.0)  # a few epochs: the workers of the current one are alive
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     assert "exited unexpectedly" not in err and len(tu.list_checkpoints(out)) == 1, err[-3000:]

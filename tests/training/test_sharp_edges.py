@@ -17,7 +17,7 @@ from training import checkpoints as ckpt
 from training import output_folder
 from training import train_unconditional as tu
 
-from .conftest import ROOT, SCRIPT, read_losses, subprocess_env, tiny_args
+from .conftest import read_losses, tiny_args, training_in_background
 
 
 def _snapshot(folder) -> dict:
@@ -37,18 +37,7 @@ def _snapshot(folder) -> dict:
 def test_ctrl_c_saves_a_checkpoint_says_where_and_exits_130(tmp_path, tiny_config):
     out = tmp_path / "run"
     argv = tiny_args(tiny_config, out, "--max_train_steps", 100000, "--checkpointing_steps", 100000)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *argv],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while not (out / "losses.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+    with training_in_background(argv, out) as proc:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         # While it trains, the folder is held: a second run into it is refused, naming the holder.
         with open(out / output_folder.LOCK) as f:
@@ -57,9 +46,6 @@ def test_ctrl_c_saves_a_checkpoint_says_where_and_exits_130(tmp_path, tiny_confi
             tu.main(tiny_args(tiny_config, out, "--max_train_steps", 2, "--resume_from_checkpoint", "latest"))
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     (checkpoint,) = tu.list_checkpoints(out)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from training import train_unconditional as tu
 
-from .conftest import ROOT, SCRIPT, read_losses, subprocess_env, tiny_args
+from .conftest import ROOT, read_losses, subprocess_env, tiny_args, training_in_background
 
 
 def _unet_weights(folder):
@@ -261,24 +261,10 @@ def test_class_conditional_bf16_run_samples_requested_classes(tmp_path, tiny_con
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_config):
     out = tmp_path / "run"
     argv = tiny_args(tiny_config, out, "--max_train_steps", 100000, "--checkpointing_steps", 100000)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *argv],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while not (out / "losses.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+    with training_in_background(argv, out) as proc:
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err[-2000:]
     (ckpt,) = tu.list_checkpoints(out)
     step = int(ckpt.rsplit("-", 1)[1])
