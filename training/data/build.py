@@ -62,11 +62,11 @@ def default_num_workers(path: str, local_processes: int = 1) -> int:
     return share if path == "workers" else min(2, share)
 
 
-def choose_path(requested: str, source, cache_dir: str, channels, resolution, center_crop, eight_bit_ok=True):
+def choose_path(requested: str, source, cache_dir: str, key: Optional[dict], channels, resolution, center_crop):
     """`(path, reason)` for `--data_loading requested`; `auto` prefers a cache built before, then RAM if small.
 
-    Only `auto` looks for a cache (which hashes every file's size and time); an explicit path starts without it.
-    Without `eight_bit_ok` (`--preserve_input_precision`) `auto` never picks the cache, which holds 8 bits.
+    `key` is the data's `cache.cache_key` (which hashes every file's size and time) when `auto` may read a cache, None
+    when it may not (`--preserve_input_precision`: a cache holds 8 bits) or when the path is given explicitly.
     """
     if requested not in DATA_LOADINGS:
         raise ValueError(f"--data_loading={requested!r} is not supported; choose one of {DATA_LOADINGS}.")
@@ -76,8 +76,8 @@ def choose_path(requested: str, source, cache_dir: str, channels, resolution, ce
     described = f"{len(source)} images, about {size / 1e6:.0f} MB of uint8 pixels"
     if requested != "auto":
         return requested, f"--data_loading {requested} ({described})"
-    if eight_bit_ok:
-        folder = data_cache.cache_folder(cache_dir, data_cache.cache_key(source, resolution, channels, center_crop))
+    if key is not None:
+        folder = data_cache.cache_folder(cache_dir, key)
         if os.path.exists(os.path.join(folder, data_cache.META)):
             return "cache", f"a data cache of this data was built before ({folder})"
     if size <= MEMORY_PATH_MAX_BYTES:
@@ -143,7 +143,10 @@ def build_dataset(
         dataset_name, train_data_dir, dataset_config_name, cache_dir, image_column, label_column, max_train_samples
     )
     data_cache_dir = data_cache_dir or data_cache.default_cache_dir()
-    path, reason = choose_path(data_loading, source, data_cache_dir, channels, resolution, center_crop, eight_bit_ok)
+    key = None  # computed once, and only where a cache may be read: it stats every file
+    if source is not None and (data_loading == "cache" or (data_loading == "auto" and eight_bit_ok)):
+        key = data_cache.cache_key(source, resolution, channels, center_crop)
+    path, reason = choose_path(data_loading, source, data_cache_dir, key, channels, resolution, center_crop)
     workers = default_num_workers(path, local_processes) if num_workers is None else num_workers
     if source is None:
         if channels != 1:
@@ -167,7 +170,6 @@ def build_dataset(
     elif path == "workers":
         dataset = DecodingImages(source, channels, center_crop, resolution, random_flip, seed, skip_broken_images)
     else:
-        key = data_cache.cache_key(source, resolution, channels, center_crop)
         cache = data_cache.ensure_cache(
             source, key, data_cache_dir, skip_broken_images, max(1, os.cpu_count() or 1), builder, failure_marker
         )

@@ -17,6 +17,7 @@ hash); one that fails (a truncated file, a missing meta.json) is removed and reb
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -117,9 +118,11 @@ def open_cache(folder: str, key: dict) -> Optional[ImageCache]:
         size = os.path.getsize(os.path.join(folder, PIXELS))
         if size != meta["nbytes"]:
             raise ValueError(f"{PIXELS} has {size} bytes, {meta['nbytes']} expected (truncated?)")
-        if _sha256(os.path.join(folder, INDEX)) != meta["index_sha256"]:
+        with open(os.path.join(folder, INDEX), "rb") as f:
+            index_bytes = f.read()  # read once: hashed, then parsed
+        if hashlib.sha256(index_bytes).hexdigest() != meta["index_sha256"]:
             raise ValueError(f"{INDEX} does not match its hash")
-        index = np.load(os.path.join(folder, INDEX), allow_pickle=False)
+        index = np.load(io.BytesIO(index_bytes), allow_pickle=False)
         labels = np.load(os.path.join(folder, LABELS), allow_pickle=False) if meta["labels"] else None
         if len(index) != meta["num_images"] or (labels is not None and len(labels) != len(index)):
             raise ValueError("its image or label count does not match meta.json")

@@ -62,17 +62,21 @@ class ImageSet(torch.utils.data.Dataset):
         """(pixels, index of the label): the item itself, unless a subclass substitutes another."""
         return self.pixels(index), index
 
-    def __getitem__(self, index: int):
-        x, label_index = self._load(index)
+    def augment(self, x: torch.Tensor, index: int, epoch: Optional[int] = None) -> torch.Tensor:
+        """Crop a non-square image and flip at random, from (seed, epoch, index) alone; then convert to [-1, 1]."""
         needs_crop = x.shape[-2] != self.resolution or x.shape[-1] != self.resolution
-        g = self._generator(index) if (self.random_flip or needs_crop) else None
+        g = self._generator(index, epoch) if (self.random_flip or needs_crop) else None
         if needs_crop:
             top = int(torch.randint(0, x.shape[-2] - self.resolution + 1, (1,), generator=g))
             left = int(torch.randint(0, x.shape[-1] - self.resolution + 1, (1,), generator=g))
             x = x[..., top : top + self.resolution, left : left + self.resolution]
         if self.random_flip and bool(torch.rand((), generator=g) < 0.5):
             x = x.flip(-1)
-        item = {"images": x if self.prescaled else to_model_range(x)}
+        return x if self.prescaled else to_model_range(x)
+
+    def __getitem__(self, index: int):
+        x, label_index = self._load(index)
+        item = {"images": self.augment(x, index)}
         if self.labels is not None:
             item["labels"] = self.labels[label_index]
         return item

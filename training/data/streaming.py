@@ -34,7 +34,7 @@ import torch
 
 from training.data.batches import naming_broken_files
 from training.data.build import default_num_workers
-from training.data.decode import BrokenImageError, decode_array, to_model_range
+from training.data.decode import BrokenImageError, decode_array
 from training.data.image_sets import ImageSet
 from training.data.sources import is_saved_dataset, pick_columns
 
@@ -119,14 +119,7 @@ class StreamImages(ImageSet):
                 raise
             logger.warning("skipped an unreadable image (--skip_broken_images): %s", err)
             return None
-        g = self._generator(position, stream_epoch)
-        if x.shape[-2] != self.resolution or x.shape[-1] != self.resolution:
-            top = int(torch.randint(0, x.shape[-2] - self.resolution + 1, (1,), generator=g))
-            left = int(torch.randint(0, x.shape[-1] - self.resolution + 1, (1,), generator=g))
-            x = x[..., top : top + self.resolution, left : left + self.resolution]
-        if self.random_flip and bool(torch.rand((), generator=g) < 0.5):
-            x = x.flip(-1)
-        item = {"images": to_model_range(x)}
+        item = {"images": self.augment(x, position, stream_epoch)}
         if self.has_labels:
             item["labels"] = torch.as_tensor(record[self.label_column], dtype=torch.long)
         return item
