@@ -6,6 +6,7 @@ from .pipeline_tutorial_class_conditional import TutorialClassConditionalPipelin
 from .pipeline_tutorial_ddim_inversion import TutorialDDIMInversionPipeline, TutorialInversionOutput, slerp
 from .pipeline_tutorial_img2img import TutorialImg2ImgPipeline
 from .pipeline_tutorial_repaint import TutorialRePaintPipeline
+from .pipeline_tutorial_super_resolution import TutorialSuperResolutionPipeline
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
 from .sampling_loop import sample_loop
 from .tutorial_operators import (
@@ -37,6 +38,7 @@ __all__ = [
     "TutorialPipelineBase",
     "TutorialPipelineOutput",
     "TutorialRePaintPipeline",
+    "TutorialSuperResolutionPipeline",
     "TutorialUnconditionalPipeline",
     "sample_loop",
     "slerp",
