@@ -11,6 +11,7 @@ shipped scheduler file names every file it needs. `tests/test_layering.py` and
 from . import tutorial_grids, tutorial_math
 from .scheduling_tutorial_ddim import TutorialDDIMScheduler
 from .scheduling_tutorial_ddpm import TutorialDDPMScheduler
+from .scheduling_tutorial_distilled import TutorialDistilledScheduler
 from .scheduling_tutorial_dpmpp import TutorialDPMSolverPlusPlusScheduler
 from .scheduling_tutorial_pf_ode import TutorialPFODEScheduler
 from .scheduling_tutorial_sde import TutorialScoreSDEScheduler
@@ -22,6 +23,7 @@ __all__ = [
     "TutorialDDIMScheduler",
     "TutorialDDPMScheduler",
     "TutorialDPMSolverPlusPlusScheduler",
+    "TutorialDistilledScheduler",
     "TutorialPFODEScheduler",
     "TutorialSchedulerOutput",
     "TutorialScoreSDEScheduler",

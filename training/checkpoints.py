@@ -7,6 +7,8 @@ A checkpoint is a folder `checkpoint-<update>` that holds only data formats that
     model.safetensors          the model's weights (unwrapped from DDP)
     optimizer.safetensors      the optimizer's per-parameter tensors ("<param index>.<name>", e.g. Adam's moments)
     ema.safetensors            the EMA shadow weights, by position
+    teacher.safetensors        progressive distillation (training/distill.py): the current round's teacher
+    target.safetensors         consistency distillation: the EMA target network
     random_states_<rank>.json  each process's Python, NumPy, torch CPU and CUDA generator states
 
 Reading a checkpoint refuses any other file (a pickle such as an older `custom_checkpoint_0.pkl`, `optimizer.bin`)
@@ -55,7 +57,7 @@ RNG_FILE = "random_states_{}.json"
 # Every file a checkpoint may hold: the same tuple decides what is written, what is read and what is refused.
 ALLOWED_FILES = re.compile(
     r"^(training_state\.json|model\.safetensors|optimizer\.safetensors|ema\.safetensors|"
-    r"random_states_\d+\.json)$"
+    r"teacher\.safetensors|target\.safetensors|random_states_\d+\.json)$"
 )
 FORMAT_VERSION = 2
 # Keys of an optimizer's param group that choose its kernel, not its math: taken from the running optimizer on resume.
@@ -345,6 +347,8 @@ def save_checkpoint(run, output_dir: str) -> str:
     tensors = {MODEL_FILE: unet.state_dict(), OPTIMIZER_FILE: optimizer_tensors}
     if run.ema is not None:
         tensors[EMA_FILE] = run.ema.tensors()
+    if run.objective is not None:  # distillation's teacher or target network (training/distill.py)
+        tensors.update(run.objective.checkpoint_tensors(run))
     scaler = getattr(accelerator, "scaler", None)
     state = {
         **run.state.state_dict(),
@@ -367,15 +371,18 @@ def save_checkpoint(run, output_dir: str) -> str:
     )
 
 
-def check_resume_flags(path: str, saved: Dict, settings, model: UNet2DModel) -> List[str]:
-    """Refuse a resume whose run-defining flags differ from the checkpoint's; returns the other changed flags."""
+def check_resume_flags(
+    path: str, saved: Dict, settings, model: UNet2DModel, run_defining=RUN_DEFINING_FLAGS
+) -> List[str]:
+    """Refuse a resume whose run-defining flags (`run_defining`) differ from the checkpoint's; returns the other
+    changed flags."""
     flags = saved.get("flags")
     if flags is None or "unet_config" not in saved:
         raise TrainingError(f"checkpoint {path!r} records no flags (written by an older version); it cannot resume.")
     now = recorded_flags(settings)
     refused = [
         f"--{name}: {flags.get(name)!r} in the checkpoint, {now.get(name)!r} now"
-        for name in RUN_DEFINING_FLAGS
+        for name in run_defining
         if flags.get(name) != now.get(name)
     ]
     config = unet_config_of(model)
@@ -390,7 +397,7 @@ def check_resume_flags(path: str, saved: Dict, settings, model: UNet2DModel) -> 
             f"checkpoint: {'; '.join(refused)}. Resume with the checkpoint's values, or train a new run in another "
             "--output_dir."
         )
-    ignore = set(RUN_DEFINING_FLAGS) | {"output_dir"}
+    ignore = set(run_defining) | {"output_dir"}
     return [
         f"--{name}: {flags.get(name)!r} -> {now[name]!r}"
         for name in sorted(now)

@@ -54,6 +54,7 @@ OWNED_NAMES = (
     LOSSES,
     LOSSES + ".tmp",
     "abandoned",
+    "students",  # training/distill.py: the student of every progressive round
 )
 OWNED_PATTERN = re.compile(
     r"^(checkpoint-\d+|\.tmp-checkpoint-\d+|\.tmp-pipeline-save-[\w.-]+|pipeline_tutorial_\w+\.py|tutorial_\w+\.py)$"

@@ -109,8 +109,9 @@ TRAIN_SCHEDULER_NOTE = (
 )
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=DESCRIPTION)
+def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """The training flags (diffusers' names, then ours); `training/distill.py` adds its own to the same parser."""
+    p = argparse.ArgumentParser(description=description)
     # ---- data (diffusers' names) ----
     p.add_argument(
         "--dataset_name",
@@ -341,9 +342,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Accepted for diffusers' command lines: 16-bit images are always read at 16 bits (not with "
         "--data_loading cache, which holds 8 bits and is refused with this flag).",
     )
+    return p
+
+
+def parse_args(
+    argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None, check=None
+) -> argparse.Namespace:
+    """Parse `argv` with `parser` (default `build_parser()`), then validate at the door: `check_args` and `check`
+    (a script's own checks, e.g. distillation's); a `ValueError` becomes argparse's usage error naming the flag."""
+    p = parser or build_parser()
     args = p.parse_args(argv)
     try:
         check_args(args)
+        if check is not None:
+            check(args)
     except ValueError as err:
         p.error(str(err))
     return args

@@ -70,7 +70,14 @@ from training.export import (  # noqa: F401
 from training.loss_log import LossLog
 from training.model import build_model
 from training.precision import resolve_mixed_precision, uses_cpu  # noqa: F401
-from training.settings import Settings, make_scheduler, parse_args, recorded_flags, resolve_settings  # noqa: F401
+from training.settings import (  # noqa: F401
+    RUN_DEFINING_FLAGS,
+    Settings,
+    make_scheduler,
+    parse_args,
+    recorded_flags,
+    resolve_settings,
+)
 from training.training_run import TrainingRun, load_training_data, max_train_steps, prepare_training
 
 logger = logging.getLogger("train_unconditional")
@@ -132,6 +139,54 @@ def diffusion_loss(
     return per_sample.mean()
 
 
+class DiffusionObjective:
+    """What the story trains and leaves behind: a UNet from the flags, DDPM's loss, the EMA weights as a pipeline folder.
+
+    The one seam of the story (`train`): `training/distill.py` passes its own objective (a teacher, a distillation
+    loss, extra checkpoint tensors, a few-step pipeline folder) and reuses everything else unchanged: settings, data
+    paths, the output folder, checkpoints and exact resume, signals, the loss log. Methods are called in this order:
+    `resolve_settings` (once), `build_model`, `prepare` (after `prepare_training`), `load_checkpoint` (on resume),
+    then `loss` per micro-batch, `after_update` per update, `checkpoint_tensors` per checkpoint, `finish` at the end.
+    """
+
+    tracker_name = "train_unconditional"  # the trackers' project name
+    run_defining_flags = RUN_DEFINING_FLAGS  # a resume with one of these changed is refused
+
+    def resolve_settings(self, args: argparse.Namespace) -> Settings:
+        return resolve_settings(args)
+
+    def build_model(self, settings: Settings):
+        return build_model(settings, settings.num_channels)
+
+    def prepare(self, run: TrainingRun) -> None:
+        """Place what the objective holds besides the model on `run.accelerator.device` (nothing here)."""
+
+    def load_checkpoint(self, run: TrainingRun, tensors: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Restore the objective's own tensors from a checkpoint's files (none here)."""
+
+    def loss(self, run: TrainingRun, batch: Dict, g: Optional[torch.Generator]) -> torch.Tensor:
+        return diffusion_loss(run.model, run.noise_scheduler, batch, run.settings, g, run.alpha_bar)
+
+    def after_update(self, run: TrainingRun) -> None:
+        """Called after every update (optimizer, EMA, `run.state` counted), before its checkpoint (nothing here)."""
+
+    def checkpoint_tensors(self, run: TrainingRun) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The objective's own checkpoint files, file name -> tensors (none here)."""
+        return {}
+
+    def finish(self, run: TrainingRun, writer, argv: Optional[List[str]]) -> Dict:
+        """The final evaluation (EMA weights), the pipeline folder with its model card, the Hub; returns the metrics."""
+        settings, accelerator = run.settings, run.accelerator
+        logger.info("final evaluation at update %d", run.state.global_step)
+        final, samples = evaluate_now(accelerator, run.model, run.ema, settings, run.state, writer, name="final")
+        card = model_card_text(settings, argv, final)
+        pipe = save_pipeline(accelerator, run.model, run.ema, settings, samples, card)
+        if settings.push_to_hub and accelerator.is_main_process:
+            logger.info("pushing the pipeline folder to the Hub")
+            push(pipe, settings, samples, card)
+        return final
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One update
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +196,7 @@ def micro_step(run: TrainingRun, batch: Dict, is_update: bool) -> None:
     ga = settings.gradient_accumulation_steps
     g = step_generator(settings.seed, run.state.micro_step, accelerator.process_index, batch["images"].device)
     with contextlib.nullcontext() if is_update else accelerator.no_sync(run.model):
-        loss = diffusion_loss(run.model, run.noise_scheduler, batch, settings, g, run.alpha_bar)
+        loss = run.objective.loss(run, batch, g)
         accelerator.backward(loss / ga)
     run.update_loss += loss.detach().float() / ga
     run.state.micro_step += 1
@@ -162,6 +217,7 @@ def update(run: TrainingRun) -> torch.Tensor:
     run.state.images_seen += (
         settings.train_batch_size * accelerator.num_processes * settings.gradient_accumulation_steps
     )
+    run.objective.after_update(run)
     return loss
 
 
@@ -169,15 +225,21 @@ def update(run: TrainingRun) -> torch.Tensor:
 # The story
 # ----------------------------------------------------------------------------------------------------------------
 def train(
-    args: argparse.Namespace, should_stop: Callable[[int], bool] = lambda step: False, argv: Optional[List[str]] = None
+    args: argparse.Namespace,
+    should_stop: Callable[[int], bool] = lambda step: False,
+    argv: Optional[List[str]] = None,
+    objective: Optional[DiffusionObjective] = None,
 ) -> Dict:
     """Run the training described by `args`; `should_stop(global_step)` asks for a checkpoint-and-exit.
+
+    `objective` (default `DiffusionObjective()`) is what is trained and saved; `training/distill.py` passes its own.
 
     Returns:
         `dict`: the final metrics (also written to `<output_dir>/metrics.json`), with `"interrupted"`.
     """
     # -- settings and accelerator; the output folder is held by this run until it ends
-    settings = resolve_settings(args)
+    objective = objective or DiffusionObjective()
+    settings = objective.resolve_settings(args)
     output_folder.check_output_dir(settings.output_dir)
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
@@ -191,10 +253,10 @@ def train(
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
     with output_folder.held_by_this_run(accelerator, settings.output_dir):  # a second run into the folder stops here
-        return take_over_and_run(settings, accelerator, should_stop, argv)
+        return take_over_and_run(settings, accelerator, should_stop, argv, objective)
 
 
-def take_over_and_run(settings: Settings, accelerator, should_stop, argv) -> Dict:
+def take_over_and_run(settings: Settings, accelerator, should_stop, argv, objective: DiffusionObjective) -> Dict:
     """Validate, take over the output folder (undoing a killed replacement first), then run: `train` once the folder
     is held by this run."""
     if accelerator.is_main_process and output_folder.restore_previous_run(settings.output_dir, settings.logging_dir):
@@ -214,12 +276,12 @@ def take_over_and_run(settings: Settings, accelerator, should_stop, argv) -> Dic
     # -- data, model and checkpoint: all validated before the output folder is touched
     dataset = load_training_data(settings, accelerator)
     torch.manual_seed(settings.seed)
-    model = build_model(settings, settings.num_channels)
+    model = objective.build_model(settings)
     resume_path = resolve_checkpoint(settings.resume_from_checkpoint, settings.output_dir)
     saved, changed = None, []
     if resume_path is not None:
         saved = ckpt.read_checkpoint(resume_path, accelerator.process_index)
-        changed = check_resume_flags(resume_path, saved[0], settings, model)
+        changed = check_resume_flags(resume_path, saved[0], settings, model, objective.run_defining_flags)
 
     # -- the output folder: the previous run set aside (overwrite) or its abandoned branch moved aside (resume)
     set_aside = False
@@ -235,7 +297,9 @@ def take_over_and_run(settings: Settings, accelerator, should_stop, argv) -> Dic
             truncate_records(settings.output_dir, step, aside)
     accelerator.wait_for_everyone()
     try:
-        return run_training(settings, accelerator, dataset, model, resume_path, saved, changed, should_stop, argv)
+        return run_training(
+            settings, accelerator, dataset, model, resume_path, saved, changed, should_stop, argv, objective
+        )
     except BaseException:
         if set_aside and accelerator.is_main_process and not list_checkpoints(settings.output_dir):
             output_folder.restore_previous_run(settings.output_dir, settings.logging_dir)
@@ -243,12 +307,17 @@ def take_over_and_run(settings: Settings, accelerator, should_stop, argv) -> Dic
         raise
 
 
-def run_training(settings, accelerator, dataset, model, resume_path, saved, changed, should_stop, argv) -> Dict:
+def run_training(
+    settings, accelerator, dataset, model, resume_path, saved, changed, should_stop, argv, objective
+) -> Dict:
     """Prepare, resume, loop over updates, save: `train`'s second half, once the output folder is ours."""
     run = prepare_training(settings, accelerator, model, dataset)
+    run.objective = objective
+    objective.prepare(run)
     total_steps = max_train_steps(settings, len(run.batches))
     if resume_path is not None:
         load_checkpoint(run, resume_path, saved)
+        objective.load_checkpoint(run, saved[1])
         logger.info("resumed from %s at update %d", resume_path, run.state.global_step)
         if changed:
             logger.warning("resuming with changed flags (applied): %s", "; ".join(changed))
@@ -256,7 +325,7 @@ def run_training(settings, accelerator, dataset, model, resume_path, saved, chan
         logger.info("no checkpoint in %s yet: starting from scratch", settings.output_dir)
     writer = None
     if settings.logger != "none":
-        accelerator.init_trackers("train_unconditional", config=recorded_flags(settings))
+        accelerator.init_trackers(objective.tracker_name, config=recorded_flags(settings))
         if accelerator.is_main_process and settings.logger == "tensorboard":
             writer = accelerator.get_tracker("tensorboard", unwrap=True)
     logger.info(
@@ -286,13 +355,7 @@ def run_training(settings, accelerator, dataset, model, resume_path, saved, chan
             logger.info("final checkpoint: saving checkpoint-%d", run.state.global_step)
             save_checkpoint(run, settings.output_dir)
             discard_previous_run(accelerator, settings)
-        logger.info("final evaluation at update %d", run.state.global_step)
-        final, samples = evaluate_now(accelerator, run.model, run.ema, settings, run.state, writer, name="final")
-        card = model_card_text(settings, argv, final)
-        pipe = save_pipeline(accelerator, run.model, run.ema, settings, samples, card)
-        if settings.push_to_hub and accelerator.is_main_process:
-            logger.info("pushing the pipeline folder to the Hub")
-            push(pipe, settings, samples, card)
+        final = objective.finish(run, writer, argv)
     write_metrics(accelerator, settings, run.state, history, final, interrupted)
     # Tear down in order: every process done, DDP (which holds the process group) freed, then the group destroyed.
     accelerator.wait_for_everyone()
@@ -406,15 +469,20 @@ def _stop_reason() -> str:
     return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(_STOP_SIGNAL, "stop requested")
 
 
-def main(argv: Optional[List[str]] = None, should_stop: Callable[[int], bool] = lambda step: False) -> Dict:
-    """Parse `argv` (default `sys.argv[1:]`) and train; SIGTERM or a first Ctrl-C saves a checkpoint and returns
-    cleanly (`"interrupted": True`); a second Ctrl-C raises `KeyboardInterrupt` at once."""
+def main(
+    argv: Optional[List[str]] = None,
+    should_stop: Callable[[int], bool] = lambda step: False,
+    parse: Callable[[Optional[List[str]]], argparse.Namespace] = parse_args,
+    objective: Optional[DiffusionObjective] = None,
+) -> Dict:
+    """Parse `argv` (default `sys.argv[1:]`) with `parse` and train `objective`; SIGTERM or a first Ctrl-C saves a
+    checkpoint and returns cleanly (`"interrupted": True`); a second Ctrl-C raises `KeyboardInterrupt` at once."""
     global _STOP_SIGNAL, _HANDLER_PID
     _STOP_SIGNAL, _HANDLER_PID = None, os.getpid()
-    args = parse_args(argv)
+    args = parse(argv)
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS} if _in_main_thread() else {}
     try:
-        return train(args, should_stop, argv)
+        return train(args, should_stop, argv, objective)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -426,11 +494,17 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-if __name__ == "__main__":
+def run_cli(prog: str, run_main: Callable[[], Dict] = main) -> None:
+    """The command line's exit codes: 2 with a one-line message for a `TrainingError`, 130 after a Ctrl-C (the
+    run saved a checkpoint but did not finish), 0 otherwise."""
     try:
-        metrics = main()
+        metrics = run_main()
     except TrainingError as err:
-        print(f"train_unconditional.py: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     if metrics["interrupted"] and _STOP_SIGNAL == signal.SIGINT:
         sys.exit(128 + signal.SIGINT)  # 130, as a shell reports a program stopped by Ctrl-C: the run did not finish
+
+
+if __name__ == "__main__":
+    run_cli("train_unconditional.py")

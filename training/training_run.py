@@ -93,6 +93,7 @@ class TrainingRun:
         self.alpha_bar = noise_scheduler.alpha_bar.to(accelerator.device)
         self.update_loss = torch.zeros((), device=accelerator.device)
         self.state = TrainState()
+        self.objective = None  # set by the story before the loop: what the loop optimises (see DiffusionObjective)
 
     @property
     def unwrapped(self) -> UNet2DModel:
