@@ -5,6 +5,7 @@ import schedulers  # noqa: F401  (our scheduler classes must be imported for `fr
 from .pipeline_tutorial_class_conditional import TutorialClassConditionalPipeline
 from .pipeline_tutorial_ddim_inversion import TutorialDDIMInversionPipeline, TutorialInversionOutput, slerp
 from .pipeline_tutorial_img2img import TutorialImg2ImgPipeline
+from .pipeline_tutorial_inverse_problem import TutorialInverseProblemPipeline
 from .pipeline_tutorial_repaint import TutorialRePaintPipeline
 from .pipeline_tutorial_super_resolution import TutorialSuperResolutionPipeline
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
@@ -34,6 +35,7 @@ __all__ = [
     "TutorialClassConditionalPipeline",
     "TutorialDDIMInversionPipeline",
     "TutorialImg2ImgPipeline",
+    "TutorialInverseProblemPipeline",
     "TutorialInversionOutput",
     "TutorialPipelineBase",
     "TutorialPipelineOutput",
