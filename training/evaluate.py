@@ -88,8 +88,13 @@ def evaluate_folder(
     likelihood_samples: int = 0,
     elbo_steps: int = 100,
     ode_tolerance: float = 1e-3,
+    noise_level: int = 20,
+    sr_factor: int = 4,
 ) -> Dict:
     """Sample from a saved pipeline folder and compute `digits_metrics` (and, if asked, `likelihood_metrics`).
+
+    A super-resolution (SR3) folder restores the first `num_samples` held-out digits from their `sr_factor` block
+    means at `noise_level` instead, and reports `training.super_resolution.restoration_metrics`.
 
     Args:
         folder (`str`): a folder written by `TutorialUnconditionalPipeline.save_pretrained`.
@@ -122,6 +127,10 @@ def evaluate_folder(
     ):
         if value < low:
             raise EvaluationError(f"{flag}={value} must be >= {low}.")
+    if _class_name(_read_model_index(folder)) == "TutorialSuperResolutionPipeline":
+        return _evaluate_super_resolution(
+            folder, scheduler, num_inference_steps, num_samples, seed, noise_level, sr_factor
+        )
     pipe = _load_checked_pipeline(folder, likelihood_samples)
     sched = load_scheduler(scheduler, pipe.scheduler)
     labels = None
@@ -163,6 +172,54 @@ def evaluate_folder(
         )
         metrics.update(likelihood_metrics(pipe, likelihood_samples, elbo_steps, ode_tolerance, seed))
     return metrics
+
+
+def _class_name(index: Dict) -> Optional[str]:
+    class_name = index.get("_class_name")
+    return class_name[-1] if isinstance(class_name, list) else class_name
+
+
+def _evaluate_super_resolution(folder, scheduler, num_inference_steps, num_samples, seed, noise_level, sr_factor):
+    """`evaluate_folder` for an SR3 folder: restore held-out digits from their block means, score the restorations."""
+    import time
+
+    from custom_pipelines import SuperResolution, TutorialSuperResolutionPipeline
+    from training.data import load_digits_tensors
+    from training.super_resolution import restoration_metrics, restore_sharded
+
+    try:
+        pipe = TutorialSuperResolutionPipeline.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"cannot load the pipeline in {folder!r}: {' '.join(str(err).split())}") from err
+    size = pipe.unet.config.sample_size
+    if pipe.unet.config.out_channels != 1 or size % sr_factor:
+        raise EvaluationError(
+            f"--sr_factor={sr_factor} with {folder!r}: the digits metrics need a 1-channel UNet whose sample_size "
+            f"(now {size}, {pipe.unet.config.out_channels} channel(s)) the factor divides."
+        )
+    sched = load_scheduler(scheduler, pipe.scheduler)
+    original, labels = load_digits_tensors(size, "test")
+    original, labels = original[:num_samples], labels[:num_samples]
+    y = SuperResolution(sr_factor).A(original)
+    logger.info(
+        "evaluation: restoring %d held-out digits from %dx%d with %s, %d steps, noise level %d",
+        len(y),
+        y.shape[-2],
+        y.shape[-1],
+        type(sched).__name__,
+        num_inference_steps,
+        noise_level,
+    )
+    tic = time.perf_counter()
+    restored = restore_sharded(pipe.unet.eval(), sched, y, num_inference_steps, noise_level, seed)
+    return {
+        "scheduler": type(sched).__name__,
+        "num_inference_steps": num_inference_steps,
+        "noise_level": noise_level,
+        "sr_factor": sr_factor,
+        "seconds": time.perf_counter() - tic,
+        **restoration_metrics(restored, original, labels, sr_factor),
+    }
 
 
 def _load_checked_pipeline(folder: str, likelihood_samples: int):
@@ -239,6 +296,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--num_samples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=2.0)
+    sr = p.add_argument_group("super-resolution", "SR3 folders: held-out digits restored from their block means.")
+    sr.add_argument("--noise_level", type=int, default=20, help="Noise level of the upsampled conditioning image.")
+    sr.add_argument("--sr_factor", type=int, default=4, help="k: the input is the mean of each k x k block.")
     p.add_argument("--grid", default=None, help="Write a PNG grid of the samples here.")
     p.add_argument("--output", default=None, help="Write the metrics as JSON here.")
     likelihood = p.add_argument_group("likelihood", "The variational bound and the ODE likelihood, in bits/dim.")
@@ -258,6 +318,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             args.likelihood_samples,
             args.elbo_steps,
             args.ode_tolerance,
+            args.noise_level,
+            args.sr_factor,
         )
     except ValueError as err:  # EvaluationError, or a pipeline's check of an argument
         print(f"evaluate.py: error: {' '.join(str(err).split())}", file=sys.stderr)

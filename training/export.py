@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from diffusers import UNet2DModel
 
+from training import super_resolution
 from training.data import DIGITS_NUM_CLASSES
 from training.ema import EMA
 from training.output_folder import GRIDS, METRICS
@@ -32,6 +33,8 @@ def ema_weights(model, ema: Optional[EMA]):
 def make_pipeline(unet, args: argparse.Namespace):
     from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
 
+    if super_resolution.is_super_resolution(args):
+        return super_resolution.make_pipeline(unet, make_scheduler(args, args.validation_scheduler))
     pipeline_cls = TutorialClassConditionalPipeline if args.num_class_embeds else TutorialUnconditionalPipeline
     return pipeline_cls(unet=unet, scheduler=make_scheduler(args, args.validation_scheduler))
 
@@ -98,6 +101,12 @@ def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[st
     was_training = unet.training
     unet.eval()
     name = name or f"step_{state.global_step:06d}"
+    if super_resolution.is_super_resolution(args):  # restored held-out images, not samples
+        scheduler = make_scheduler(args, args.validation_scheduler)
+        with ema_weights(unet, ema):
+            result = super_resolution.evaluate(accelerator, unet, args, scheduler, state, writer, name)
+        unet.train(was_training)
+        return result
     with ema_weights(unet, ema):
         n = args.eval_num_samples or args.eval_batch_size
         samples = validation_samples(accelerator, unet, args, n, desc=f"validation samples ({name})")
@@ -155,7 +164,7 @@ def make_grid_image(samples: torch.Tensor, args):
     """The sample grid shown in the model card: the first `eval_batch_size` samples, enlarged 4x."""
     from training.grids import make_grid
 
-    grid = make_grid(samples[: args.eval_batch_size])
+    grid = make_grid(samples[: args.eval_batch_size], nrow=super_resolution.grid_rows(args))
     return grid.resize((grid.width * 4, grid.height * 4), resample=0)
 
 
@@ -177,6 +186,7 @@ def model_card_text(args, argv: Optional[List[str]], metrics: Dict) -> str:
         f"Learning rate {args.learning_rate:g}, {args.lr_warmup_steps} warm-up updates, EMA max decay "
         f"{args.ema_max_decay:g} (`{args.preset}` defaults where not given).",
         "",
+        *super_resolution.model_card_lines(args),
     ]
     if metrics:
         lines += ["## Metrics (digits classifier feature space)", ""]
@@ -193,7 +203,7 @@ def push(pipe, args, samples: torch.Tensor, card: str):
     repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     return pipe.push_to_hub(
         repo_id,
-        images=[make_grid_image(samples, args)],
+        images=None if samples is None else [make_grid_image(samples, args)],
         token=args.hub_token,
         private=args.hub_private_repo or None,
         num_inference_steps=args.ddpm_num_inference_steps,

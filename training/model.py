@@ -5,6 +5,7 @@ from typing import Dict, Optional
 from diffusers import UNet2DModel
 
 from training.errors import TrainingError
+from training.super_resolution import is_super_resolution, unet_overrides
 
 
 def default_unet_config(resolution: int, channels: int, num_class_embeds: Optional[int]) -> Dict:
@@ -42,16 +43,22 @@ def build_model(settings, channels: int) -> UNet2DModel:
     """
     # One extra class index, `num_class_embeds`, is the "no label" class of classifier-free guidance.
     num_embeds = settings.num_class_embeds + 1 if settings.num_class_embeds else None
+    # SR3 (`--conditioning super_resolution`): 2C input channels (x_t, then A⁺ y), the noise level as class label.
+    sr = unet_overrides(channels) if is_super_resolution(settings) else {}
     config = settings.unet_config
     if config is None:
-        model = UNet2DModel(**default_unet_config(settings.resolution, channels, num_embeds))
+        model = UNet2DModel(**{**default_unet_config(settings.resolution, channels, num_embeds), **sr})
     else:
         model = UNet2DModel.from_config(config)
-        if model.config.in_channels != channels or model.config.sample_size != settings.resolution:
+        if sr and model.config.in_channels in (channels, 2 * channels):
+            model = UNet2DModel.from_config(config, **sr)  # a config for the images alone, or already SR3's
+        in_channels = sr.get("in_channels", channels)
+        if model.config.in_channels != in_channels or model.config.sample_size != settings.resolution:
             raise TrainingError(
                 f"--model_config_name_or_path={settings.model_config_name_or_path!r} has in_channels="
                 f"{model.config.in_channels}, sample_size={model.config.sample_size}; the data has {channels} "
-                f"channel(s) at --resolution={settings.resolution}."
+                f"channel(s) at --resolution={settings.resolution}"
+                + (f" (SR3 takes {channels} or {in_channels} in_channels)." if sr else ".")
             )
         if num_embeds is not None and model.config.num_class_embeds != num_embeds:
             model = UNet2DModel.from_config(config, num_class_embeds=num_embeds)

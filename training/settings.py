@@ -74,6 +74,8 @@ RUN_DEFINING_FLAGS = (
     "rescale_betas_zero_snr",
     "num_class_embeds",
     "cond_drop_prob",
+    "sr_factor",
+    "sr_noise_level_max",
     "snr_gamma",
     "noise_offset",
     "seed",
@@ -82,6 +84,12 @@ RUN_DEFINING_FLAGS = (
     "use_ema",
 )
 
+
+# --conditioning: what the UNet sees besides x_t. It changes the UNet's config (in_channels, class_embed_type), which a
+# resume compares, so it is not in RUN_DEFINING_FLAGS; the super-resolution flags are None without it, so a checkpoint
+# written before they existed still resumes.
+CONDITIONINGS = ("none", "super_resolution")
+SR_DEFAULTS = {"sr_factor": 4, "sr_noise_level_max": 100, "sr_noise_level": 20}  # with --conditioning super_resolution
 
 SWITCH = ("auto", "yes", "no")  # the choices of the throughput switches; 'auto' resolves by device
 SWITCHES = ("data_on_device", "channels_last", "adam_fused")  # resolved to booleans by `resolve_settings`
@@ -222,6 +230,37 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
         help="With --num_class_embeds: probability of replacing a label by the null class (for CFG).",
     )
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale of class-conditional samples.")
+    p.add_argument(
+        "--conditioning",
+        type=str,
+        default="none",
+        choices=CONDITIONINGS,
+        help="'super_resolution': train SR3 (Saharia et al. 2021): the UNet sees x_t concatenated with the "
+        "nearest-upsampled --sr_factor block average of the image, noised to a random level (noise conditioning "
+        "augmentation); saved as TutorialSuperResolutionPipeline.",
+    )
+    p.add_argument(
+        "--sr_factor",
+        type=int,
+        default=None,
+        help=f"With --conditioning super_resolution: k, the low-resolution image is the mean of each k x k block; "
+        f"must divide --resolution (default {SR_DEFAULTS['sr_factor']}).",
+    )
+    p.add_argument(
+        "--sr_noise_level_max",
+        type=int,
+        default=None,
+        help="With --conditioning super_resolution: the conditioning image is noised to a level s drawn uniformly "
+        "from 0..N per example (a timestep of the training schedule; s is the UNet's class label); 0 turns the "
+        f"augmentation off (default {SR_DEFAULTS['sr_noise_level_max']}).",
+    )
+    p.add_argument(
+        "--sr_noise_level",
+        type=int,
+        default=None,
+        help="With --conditioning super_resolution: the noise level s of validation samples, at most "
+        f"--sr_noise_level_max (default {SR_DEFAULTS['sr_noise_level']}, or --sr_noise_level_max if smaller).",
+    )
     # ---- optimisation ----
     p.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
     p.add_argument("--eval_batch_size", type=int, default=64, help="Number of validation samples (all processes).")
@@ -433,6 +472,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("pass only one of --dataset_name and --train_data_dir.")
+    check_super_resolution_args(args)
     if args.preserve_input_precision and args.data_loading == "cache":
         raise ValueError(
             "--preserve_input_precision with --data_loading='cache': the cache holds 8 bits per pixel; "
@@ -447,6 +487,54 @@ def check_args(args: argparse.Namespace) -> None:
             if args.rescale_betas_zero_snr
             else str(err)
         ) from err
+
+
+def check_super_resolution_args(args: argparse.Namespace) -> None:
+    """The flags of `--conditioning super_resolution`: given only with it, and in range."""
+    given = [name for name in SR_DEFAULTS if getattr(args, name) is not None]
+    if args.conditioning != "super_resolution":
+        if given:
+            raise ValueError(
+                f"--{given[0]}={getattr(args, given[0])!r} applies only with --conditioning super_resolution "
+                f"(now --conditioning={args.conditioning!r})."
+            )
+        return
+    if args.num_class_embeds is not None:
+        raise ValueError(
+            f"--num_class_embeds={args.num_class_embeds!r} with --conditioning super_resolution: the UNet's class "
+            "label carries the noise level of the low-resolution image; choose one of the two."
+        )
+    factor, resolution = resolved_sr(args, "sr_factor"), args.resolution
+    if factor < 2 or resolution % factor:
+        divisors = [k for k in range(2, resolution + 1) if resolution % k == 0]
+        raise ValueError(
+            f"--sr_factor={factor!r} must divide --resolution={resolution} and be >= 2; allowed: {divisors}."
+        )
+    level_max = resolved_sr(args, "sr_noise_level_max")
+    if not 0 <= level_max < args.ddpm_num_steps:
+        raise ValueError(
+            f"--sr_noise_level_max={level_max!r} must be a timestep in [0, {args.ddpm_num_steps - 1}] "
+            f"(--ddpm_num_steps={args.ddpm_num_steps})."
+        )
+    level = resolved_sr(args, "sr_noise_level")
+    if not 0 <= level <= level_max:
+        raise ValueError(
+            f"--sr_noise_level={level!r} must be in [0, {level_max}]: the levels the model is trained on "
+            "(--sr_noise_level_max)."
+        )
+
+
+def resolved_sr(args: argparse.Namespace, name: str) -> Optional[int]:
+    """A super-resolution flag as given, else its default (`SR_DEFAULTS`); None without --conditioning
+    super_resolution. An unset --sr_noise_level is capped at --sr_noise_level_max."""
+    if args.conditioning != "super_resolution":
+        return None
+    value = getattr(args, name)
+    if value is not None:
+        return value
+    if name == "sr_noise_level":
+        return min(SR_DEFAULTS[name], resolved_sr(args, "sr_noise_level_max"))
+    return SR_DEFAULTS[name]
 
 
 def make_scheduler(args: argparse.Namespace, kind: str):
@@ -511,6 +599,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             "mixed_precision": resolve_mixed_precision(args.mixed_precision, cpu),
             "requested_mixed_precision": args.mixed_precision,
             "num_channels": args.num_channels or (1 if uses_digits(args) else 3),
+            **{name: resolved_sr(args, name) for name in SR_DEFAULTS},
         }
     )
 

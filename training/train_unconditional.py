@@ -2,13 +2,14 @@
 
     accelerate launch training/train_unconditional.py            # built-in digits, 16x16, a few minutes on 2 CPUs
     accelerate launch training/train_unconditional.py --num_class_embeds 10 --cond_drop_prob 0.1   # class-conditional
+    accelerate launch training/train_unconditional.py --conditioning super_resolution --sr_factor 4  # SR3, 4x4 -> 16
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 training/train_unconditional.py  # gloo, CPU
     accelerate launch --multi_gpu --num_processes 8 training/train_unconditional.py --train_data_dir imgs \\
         --resolution 64 --model_config_name_or_path my_unet/               # several GPUs, a user's data and model
 
 The flags of diffusers' `examples/unconditional_image_generation/train_unconditional.py` keep their names and
 meanings; the rest are additions (seed, max_train_steps, v-prediction, min-SNR weighting, offset noise, zero
-terminal SNR, our schedulers, class conditioning, periodic evaluation). The story is linear:
+terminal SNR, our schedulers, class conditioning, SR3 super-resolution, periodic evaluation). The story is linear:
 parse and resolve the settings -> validate data and model -> take over the output folder -> prepare -> loop -> save.
 
 The loss is DDPM's simple objective (Ho et al. 2020, arXiv:2006.11239, eq. (14)) with the target of the chosen
@@ -78,6 +79,7 @@ from training.settings import (  # noqa: F401
     recorded_flags,
     resolve_settings,
 )
+from training.super_resolution import is_super_resolution, noisy_condition
 from training.training_run import TrainingRun, load_training_data, max_train_steps, prepare_training
 
 logger = logging.getLogger("train_unconditional")
@@ -127,7 +129,11 @@ def diffusion_loss(
         labels = batch["labels"]
         drop = torch.rand((bsz,), generator=g, device=x0.device) < args.cond_drop_prob
         class_labels = torch.where(drop, torch.full_like(labels, args.num_class_embeds), labels)
-    model_output = model(x_t, t, class_labels=class_labels).sample
+    model_input = x_t
+    if is_super_resolution(args):  # SR3: x_t, then the noised A⁺ y; the noise level is the label
+        cond, class_labels = noisy_condition(x0, args.sr_factor, args.sr_noise_level_max, table, g)
+        model_input = torch.cat([x_t, cond], dim=1)
+    model_output = model(model_input, t, class_labels=class_labels).sample
 
     per_sample = (model_output.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:

@@ -27,7 +27,10 @@ def _meta_run(monkeypatch, tiny_config, tmp_path, *extra):
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)
     assert accelerator.device == META
     dataset = load_training_data(settings, accelerator)
-    return prepare_training(settings, accelerator, tu.build_model(settings, settings.num_channels), dataset)
+    run = prepare_training(settings, accelerator, tu.build_model(settings, settings.num_channels), dataset)
+    run.objective = tu.DiffusionObjective()  # as the story does (run_training) before the loop
+    run.objective.prepare(run)
+    return run
 
 
 def _off_device(run) -> list:
@@ -54,8 +57,9 @@ def _train_updates(run, updates: int) -> None:
         ["--num_class_embeds", 10, "--snr_gamma", 5, "--prediction_type", "v_prediction", "--noise_offset", 0.1],
         ["--gradient_accumulation_steps", 2, "--no-use_ema", "--lr_scheduler", "constant_with_warmup"],
         ["--data_on_device", "yes", "--channels_last", "yes", "--random_flip", "--num_class_embeds", 10],
+        ["--conditioning", "super_resolution", "--sr_factor", 4, "--data_on_device", "yes"],
     ],
-    ids=["defaults", "class-conditional-min-snr-v", "accumulation-no-ema", "data-on-device-channels-last"],
+    ids=["defaults", "class-conditional-min-snr-v", "accumulation-no-ema", "data-on-device-channels-last", "sr3"],
 )
 def test_device_placement_every_tensor_of_the_training_state_follows_the_accelerator(
     monkeypatch, tiny_config, tmp_path, extra
