@@ -380,17 +380,19 @@ class DistillationObjective(story.DiffusionObjective):
         t_lo = t_lo.clamp(min=-1)
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         z_hi = q_sample(x0, eps, self.alpha_bar[t_hi])
-        with torch.no_grad():
-            z_lo = ddim_step(
-                self.teacher, z_hi, t_hi, t_lo, self.alpha_bar, settings.teacher_prediction_type, self.clip_range
-            )
-            target = model_x0(self.frozen, z_lo, t_lo, self.alpha_bar, settings.prediction_type)
-        student = model_x0(run.model, z_hi, t_hi, self.alpha_bar, settings.prediction_type)
-        diff = (student.float() - target.float()).flatten(1)
-        if settings.loss_type == "l2":
-            return diff.pow(2).mean(dim=1).mean()
-        c = settings.huber_c or 0.00054 * math.sqrt(diff.shape[1])  # Song & Dhariwal 2023 (iCT), Sec. 3.3
-        return (torch.sqrt(diff.pow(2).sum(dim=1) + c * c) - c).mean()
+        student, target = consistency_pair(
+            run.model,
+            self.frozen,
+            self.teacher,
+            z_hi,
+            t_hi,
+            t_lo,
+            self.alpha_bar,
+            settings.teacher_prediction_type,
+            settings.prediction_type,
+            self.clip_range,
+        )
+        return consistency_distance(student, target, settings.loss_type, settings.huber_c)
 
     # -- after every update: the target network's EMA, or the next progressive round -----------------------------
     @torch.no_grad()
@@ -540,6 +542,27 @@ def ddim_step(model, z, t, t_next, alpha_bar_table, prediction_type: str, clip_r
     return (tm.expand_to(alpha_bar_next.sqrt(), z) * x0 + tm.expand_to((1 - alpha_bar_next).sqrt(), z) * eps).to(
         z.dtype
     )
+
+
+def consistency_pair(
+    student, target, teacher, z_hi, t_hi, t_lo, alpha_bar_table, teacher_type: str, student_type: str, clip_range=None
+):
+    """(f_θ(x_{t+k}, t+k), f_θ⁻(x̂_t, t)) of Song et al. 2023, Algorithm 2: x̂_t is one teacher DDIM step from x_{t+k}
+    (the PF-ODE's first-order solver), and f at t = -1 (the data end) is the identity. The second is a constant."""
+    with torch.no_grad():
+        z_lo = ddim_step(teacher, z_hi, t_hi, t_lo, alpha_bar_table, teacher_type, clip_range)
+        target_x0 = model_x0(target, z_lo, t_lo, alpha_bar_table, student_type)
+    return model_x0(student, z_hi, t_hi, alpha_bar_table, student_type), target_x0
+
+
+def consistency_distance(x: torch.Tensor, y: torch.Tensor, loss_type: str, huber_c: Optional[float] = None):
+    """d(x, y) averaged over the batch: `l2` is the mean squared difference; `pseudo_huber` is √(‖x-y‖² + c²) - c with
+    c = 0.00054 √d by default (Song & Dhariwal 2023, arXiv:2310.14189, Sec. 3.3), d the dimension of one sample."""
+    diff = (x.float() - y.float()).flatten(1)
+    if loss_type == "l2":
+        return diff.pow(2).mean(dim=1).mean()
+    c = huber_c or 0.00054 * math.sqrt(diff.shape[1])
+    return (torch.sqrt(diff.pow(2).sum(dim=1) + c * c) - c).mean()
 
 
 def progressive_target(teacher, z_t, t, t_mid, t_next, alpha_bar_table, prediction_type: str, clip_range=None):

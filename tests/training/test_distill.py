@@ -1,0 +1,131 @@
+"""training/distill.py end to end on a tiny teacher: both methods run, resume exactly, and leave a few-step folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+
+from custom_pipelines import TutorialUnconditionalPipeline
+from schedulers import TutorialDDIMScheduler, TutorialDistilledScheduler
+from training import distill
+from training import train_unconditional as tu
+
+from .conftest import TINY_UNET, read_losses, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> str:
+    """A random tiny ε-prediction teacher folder (8x8): distillation's mechanics do not need a good teacher."""
+    folder = tmp_path_factory.mktemp("teacher") / "tiny-ddpm"
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{k: v for k, v in TINY_UNET.items() if not k.startswith("_")})
+    TutorialUnconditionalPipeline(unet=unet, scheduler=TutorialDDIMScheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+def distill_args(teacher, output_dir, method, *extra) -> list:
+    """argv of a seconds-long run: 8x8 digits, 64 images, batch 8, 8 evaluation samples at 1, 2 and 4 steps."""
+    steps = ["--start_steps", "4", "--steps_per_round", "3"] if method == "progressive" else ["--max_train_steps", "6"]
+    return [
+        "--teacher",
+        teacher,
+        "--method",
+        method,
+        "--resolution",
+        "8",
+        "--max_train_samples",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--eval_batch_size",
+        "8",
+        "--logger",
+        "none",
+        "--output_dir",
+        str(output_dir),
+        *steps,
+        *map(str, extra),
+    ]
+
+
+def _unet_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_resume_repeats_the_uninterrupted_distillation_exactly(tmp_path, tiny_teacher, method):
+    # progressive: 2 rounds of 3 updates (4 -> 2 -> 1 steps); the stop at update 4 is inside round 2, after the
+    # teacher was replaced by round 1's student: the resume must restore that teacher (teacher.safetensors), the
+    # student, Adam's moments (cleared at the round's start), the EMA and the data position. consistency: the stop
+    # at update 4 must restore the EMA target network (target.safetensors).
+    extra = ["--seed", 3, "--random_flip"]
+    full = distill.main(distill_args(tiny_teacher, tmp_path / "full", method, *extra))
+    assert full["interrupted"] is False and full["global_step"] == 6
+
+    first = distill.main(distill_args(tiny_teacher, tmp_path / "cut", method, *extra), should_stop=lambda s: s == 4)
+    assert first["interrupted"] is True and first["global_step"] == 4
+    frozen = "teacher.safetensors" if method == "progressive" else "target.safetensors"
+    assert os.path.exists(tmp_path / "cut" / "checkpoint-4" / frozen)
+    second = distill.main(
+        distill_args(tiny_teacher, tmp_path / "cut", method, *extra, "--resume_from_checkpoint", "latest")
+    )
+    assert second["global_step"] == 6
+
+    losses_full, losses_cut = read_losses(tmp_path / "full"), read_losses(tmp_path / "cut")
+    assert sorted(losses_cut) == list(range(1, 7)) and losses_cut == losses_full  # bit for bit
+    weights_full, weights_cut = _unet_weights(tmp_path / "full"), _unet_weights(tmp_path / "cut")
+    assert all(torch.equal(weights_full[k], weights_cut[k]) for k in weights_full)
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_output_folder_samples_the_student_in_1_2_and_4_steps(tmp_path, tiny_teacher, method):
+    out = tmp_path / "run"
+    metrics = distill.main(distill_args(tiny_teacher, out, method))
+    assert {"frechet_distance@1", "frechet_distance@2", "frechet_distance@4"} <= set(metrics)
+
+    pipe = TutorialUnconditionalPipeline.from_pretrained(out)
+    scheduler = pipe.scheduler
+    assert isinstance(scheduler, TutorialDistilledScheduler)
+    assert scheduler.config.distillation == method and scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.distilled_steps == ([1] if method == "progressive" else [1, 2, 4])
+    for n in (1, 2, 4):  # no argument but the step count
+        images = pipe(batch_size=2, num_inference_steps=n, output_type="pt").images
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    card = (out / "README.md").read_text()
+    assert "teacher: `tiny-ddpm`" in card and f"method: {method}" in card
+    if method == "progressive":  # the student of round 1 (4 -> 2 steps) was kept, with its own step count
+        with open(out / "students" / "2-step" / "scheduler" / "scheduler_config.json") as f:
+            assert json.load(f)["distilled_steps"] == [2]
+
+    # With diffusers alone, in a fresh process: the folder's own code runs (trust_remote_code).
+    code = (
+        "import sys; from diffusers import DiffusionPipeline; "
+        f"p = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True); "
+        "assert type(p.scheduler).__name__ == 'TutorialDistilledScheduler', type(p.scheduler); "
+        "assert not any(m.split('.')[0] in ('schedulers', 'custom_pipelines', 'training') for m in sys.modules); "
+        "print(p(batch_size=1, num_inference_steps=1, output_type='np').images.shape)"
+    )
+    env = subprocess_env(PYTHONPATH="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(1, 8, 8, 1)" in done.stdout
+
+
+def test_flags_of_distillation_are_checked_at_the_door(capsys, tiny_teacher, tmp_path):
+    for bad, named in (
+        (["--method", "progressive", "--start_steps", "12"], "--start_steps=12"),
+        (["--method", "progressive", "--max_train_steps", "5"], "--max_train_steps=5"),
+        (["--target_ema_decay", "1.0"], "--target_ema_decay=1.0"),
+        (["--num_class_embeds", "10"], "--num_class_embeds=10"),
+        (["--sample_steps", "1,x"], "--sample_steps='1,x'"),
+    ):
+        with pytest.raises(SystemExit):
+            distill.parse_distill_args(["--teacher", tiny_teacher, *bad])
+        assert named in capsys.readouterr().err
+    with pytest.raises(tu.TrainingError, match="not a pipeline folder"):
+        distill.main(distill_args(str(tmp_path / "missing"), tmp_path / "out", "consistency"))
