@@ -115,3 +115,10 @@ def test_bench_data_quick(tmp_path):
             for key in ("peak_mb", "self_mb", "first_update_s", "first_batch_s", "items_per_s"):
                 assert row[key] > 0, (row["path"], key)
     assert "goals of issue 20" in stdout and "ours / diffusers" in stdout
+
+
+def test_bench_distill_quick():
+    stdout = _run("bench_distill.py", "--quick")
+    assert "ours DPM-Solver++ (defaults)" in stdout and "diffusers UniPC" in stdout
+    assert stdout.count("progressive: the ") == 3 and stdout.count("consistency: final student") == 3  # 1, 2, 4 steps
+    assert stdout.count(" step(s): FD ") == 9
