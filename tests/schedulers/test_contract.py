@@ -21,6 +21,7 @@ from custom_pipelines import sample_loop
 from schedulers import (
     TutorialDDIMScheduler,
     TutorialDDPMScheduler,
+    TutorialDistilledScheduler,
     TutorialDPMSolverPlusPlusScheduler,
     TutorialPFODEScheduler,
     TutorialSchedulerOutput,
@@ -37,6 +38,7 @@ OUR_SCHEDULERS = [
     TutorialDPMSolverPlusPlusScheduler,
     TutorialPFODEScheduler,
     TutorialScoreSDEScheduler,
+    TutorialDistilledScheduler,
 ]
 DIFFUSERS_CONFIGS = [DDPMScheduler, DDIMScheduler]
 # A second, stochastic flavour where a scheduler has one (the SDE with its Langevin corrector: order 2).
