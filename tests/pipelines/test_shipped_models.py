@@ -1,4 +1,4 @@
-"""Both committed pipelines under training/pretrained/ load in a fresh process with diffusers alone
+"""The committed pipelines under training/pretrained/ load in a fresh process with diffusers alone
 (`trust_remote_code=True`, our packages blocked) and produce the same images as our classes do in this process."""
 
 from pathlib import Path
@@ -6,12 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+from custom_pipelines import (
+    TutorialClassConditionalPipeline,
+    TutorialSuperResolutionPipeline,
+    TutorialUnconditionalPipeline,
+)
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "training" / "pretrained"
 CASES = {
     "digits-ddpm": (TutorialUnconditionalPipeline, {"batch_size": 3}),
     "digits-cfg": (TutorialClassConditionalPipeline, {"class_labels": [0, 4, 7], "guidance_scale": 2.0}),
+    # three 4x4 low-resolution images in [0, 1] (a tensor in both processes: see ONLY_DIFFUSERS)
+    "digits-sr3": (TutorialSuperResolutionPipeline, {"image": torch.linspace(0, 1, 48).reshape(3, 1, 4, 4).tolist()}),
 }
 STEPS = 5
 
@@ -20,6 +26,7 @@ import json, sys, torch
 from diffusers import DiffusionPipeline
 res = {}
 for name, kwargs in CASES:
+    kwargs = {k: torch.tensor(v) if k == "image" else v for k, v in kwargs.items()}
     pipe = DiffusionPipeline.from_pretrained(PRETRAINED + "/" + name, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt",
@@ -43,6 +50,7 @@ def test_shipped_folder_loads_with_diffusers_alone_and_matches_our_classes(name,
     assert res["our_modules_imported"] == []
     assert res[name]["pipeline"] == cls.__name__ and res[name]["scheduler"] == "TutorialDDIMScheduler"
 
+    kwargs = {k: torch.tensor(v) if k == "image" else v for k, v in kwargs.items()}
     pipe = cls.from_pretrained(str(PRETRAINED / name))
     pipe.set_progress_bar_config(disable=True)
     ours = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt", **kwargs)

@@ -10,7 +10,11 @@ import sys
 
 import pytest
 
-from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+from custom_pipelines import (
+    TutorialClassConditionalPipeline,
+    TutorialSuperResolutionPipeline,
+    TutorialUnconditionalPipeline,
+)
 from training import export_shipped
 
 from .conftest import ROOT
@@ -24,7 +28,7 @@ def _hashes(folder, names):
 
 def test_every_shipped_folder_matches_the_library():
     folders = export_shipped.pipeline_folders()
-    assert {"digits-cfg", "digits-ddpm"} <= {p.name for p in folders}
+    assert {"digits-cfg", "digits-ddpm", "digits-sr3"} <= {p.name for p in folders}
     run = subprocess.run(
         [sys.executable, str(ROOT / "training" / "export_shipped.py"), "--check"],
         cwd=ROOT,
@@ -37,7 +41,12 @@ def test_every_shipped_folder_matches_the_library():
 
 
 @pytest.mark.parametrize(
-    "name, cls", [("digits-ddpm", TutorialUnconditionalPipeline), ("digits-cfg", TutorialClassConditionalPipeline)]
+    "name, cls",
+    [
+        ("digits-ddpm", TutorialUnconditionalPipeline),
+        ("digits-cfg", TutorialClassConditionalPipeline),
+        ("digits-sr3", TutorialSuperResolutionPipeline),
+    ],
 )
 def test_shipped_code_is_what_save_pretrained_writes(name, cls, tmp_path):
     """The export and `save_pretrained` share `save_code`: a fresh save of the shipped pipeline has the same code."""
