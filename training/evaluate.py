@@ -45,6 +45,7 @@ OUR_SCHEDULERS = (
     ("pf-ode", schedulers.TutorialPFODEScheduler),
     ("score-sde", schedulers.TutorialScoreSDEScheduler),
     ("dpm-solver++", schedulers.TutorialDPMSolverPlusPlusScheduler),
+    ("distilled", schedulers.TutorialDistilledScheduler),
 )
 SCHEDULERS = OUR_SCHEDULERS + (
     ("diffusers-ddpm", diffusers.DDPMScheduler),

@@ -8,10 +8,13 @@ import torch
 
 import custom_pipelines
 from custom_pipelines import (
+    Inpainting,
     TutorialClassConditionalPipeline,
     TutorialDDIMInversionPipeline,
     TutorialImg2ImgPipeline,
+    TutorialInverseProblemPipeline,
     TutorialPipelineBase,
+    TutorialSuperResolutionPipeline,
     TutorialUnconditionalPipeline,
 )
 from schedulers import TutorialDDIMScheduler
@@ -24,6 +27,17 @@ CALLBACK_PIPELINES = {
     TutorialImg2ImgPipeline: (
         {},
         dict(image=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), strength=1.0),
+    ),
+    TutorialSuperResolutionPipeline: (
+        dict(in_channels=6, out_channels=3, class_embed_type="timestep"),
+        dict(image=torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))),
+    ),
+    # One known pixel, measured as 0 (mid-grey): zero latents stay the output after DDNM's projection.
+    TutorialInverseProblemPipeline: (
+        {},
+        dict(
+            measurement=torch.zeros(2, 3), operator=Inpainting(torch.eye(8)[0:1].T @ torch.eye(8)[0:1]), method="ddnm"
+        ),
     ),
 }
 
