@@ -122,3 +122,14 @@ def test_bench_distill_quick():
     assert "ours DPM-Solver++ (defaults)" in stdout and "diffusers UniPC" in stdout
     assert stdout.count("progressive: the ") == 3 and stdout.count("consistency: final student") == 3  # 1, 2, 4 steps
     assert stdout.count(" step(s): FD ") == 9
+
+
+def test_bench_inverse_quick(tmp_path):
+    out = tmp_path / "inverse.json"
+    stdout = _run("bench_inverse.py", "--quick", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert len(report["mixture"]) == 2 * 3 * 2 * 6  # priors x operators x σ_y x method settings
+    assert set(report["digits"]) == {"sr", "deblur"}
+    assert "SR3 digits-sr3 (DDIM-2, noise_level 0)" in report["digits"]["sr"]["rows"]
+    assert set(report["timing"]["rows"]) == {"ddnm", "ddrm", "dps", "pigdm", "RePaint", "SR3 (x4 SR, not inpainting)"}
+    assert "DDNM's noiseless consistency" in stdout and "exact-in-the-limit rows that converge" in stdout
