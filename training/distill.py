@@ -18,8 +18,8 @@ student can learn that function with fewer, larger steps:
   steps t -> t' -> t'' (eq. (8): the x̃ for which one DDIM step from z_t lands on the teacher's z_t''); the student
   starts as the teacher, and becomes the next round's teacher.
 - `--method consistency` (Song et al. 2023, arXiv:2303.01469, Algorithm 2): the student f_θ(x_t, t) must agree with
-  an EMA target network f_θ⁻ at the point one teacher ODE step (DDIM, across `--skip_steps` timesteps) closer to the
-  data; the boundary condition f_θ(x, 0) = x is built into the parameterisation.
+  an EMA target network f_θ⁻ at the point one teacher ODE step (DDIM, or DPM-Solver++(2S) with `--teacher_solver
+  dpmpp_2s`, across `--skip_steps` timesteps) closer to the data; the boundary condition f_θ(x, 0) = x is built into the parameterisation.
 
 The student predicts v (`--student_prediction_type`, default `v_prediction`; `sample` is x-prediction), never ε: a
 1-step student reads x̂_0 at t = T - 1, where x̂_0 = (x_t - σ_t ε̂)/√ᾱ_t multiplies the network's error by 1/√ᾱ_T (156
@@ -67,6 +67,7 @@ DESCRIPTION = "Distil a trained diffusion model into a 1-, 2- and 4-step generat
 METHODS = ("progressive", "consistency")
 STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")  # never epsilon: see the module docstring
 LOSS_TYPES = ("pseudo_huber", "l2")
+TEACHER_SOLVERS = ("ddim", "dpmpp_2s")  # consistency: the teacher's ODE step across --skip_steps timesteps
 DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "digits-ddpm")
 STUDENTS = "students"  # <output_dir>/students/<N>-step/: the student of each progressive round
 # --save_images_epochs / --save_model_epochs resolve to this: the story's per-epoch hooks sample with the training
@@ -82,6 +83,7 @@ DISTILL_DEFINING_FLAGS = (
     "steps_per_round",
     "student_prediction_type",
     "skip_steps",
+    "teacher_solver",
     "target_ema_decay",
     "loss_type",
     "huber_c",
@@ -131,6 +133,14 @@ def build_distill_parser() -> argparse.ArgumentParser:
         type=int,
         default=20,
         help="consistency: k, the teacher's DDIM step goes from timestep t to t - k (x_0 below 0).",
+    )
+    g.add_argument(
+        "--teacher_solver",
+        type=str,
+        default="ddim",
+        choices=TEACHER_SOLVERS,
+        help="consistency: the teacher's step from t to t - k: DDIM (one evaluation, first order) or DPM-Solver++(2S) "
+        "(two evaluations, second order; the midpoint in log-SNR), which keeps a larger --skip_steps accurate.",
     )
     g.add_argument(
         "--target_ema_decay", type=float, default=0.95, help="consistency: μ of the target network θ⁻ ← μθ⁻ + (1-μ)θ."
@@ -307,6 +317,9 @@ class DistillationObjective(story.DiffusionObjective):
         schedule = self.teacher_info["schedule"]
         self.clip_range = float(schedule.get("clip_sample_range", 1.0)) if schedule.get("clip_sample") else None
         self.teacher = None
+        if settings.method == "consistency" and settings.teacher_solver == "dpmpp_2s":
+            t_mid, alpha_bar_mid = lambda_midpoints(self.scheduler.alpha_bar, settings.skip_steps)
+            self.t_mid, self.alpha_bar_mid = t_mid.float().to(device), alpha_bar_mid.float().to(device)
         if settings.method == "consistency":  # the frozen teacher beside the target network θ⁻
             teacher = UNet2DModel.from_pretrained(os.path.join(settings.teacher, "unet"))
             self.teacher = teacher.to(device).requires_grad_(False).eval()
@@ -391,6 +404,7 @@ class DistillationObjective(story.DiffusionObjective):
             settings.teacher_prediction_type,
             settings.prediction_type,
             self.clip_range,
+            midpoint=None if settings.teacher_solver == "ddim" else (self.t_mid[t_hi], self.alpha_bar_mid[t_hi]),
         )
         return consistency_distance(student, target, settings.loss_type, settings.huber_c)
 
@@ -451,8 +465,8 @@ class DistillationObjective(story.DiffusionObjective):
             f"progressive distillation (Salimans & Ho 2022, arXiv:2202.00512): {s.start_steps} teacher DDIM steps "
             f"halved in {s.rounds} round(s) of {s.steps_per_round} updates down to {s.final_steps}"
             if s.method == "progressive"
-            else f"consistency distillation (Song et al. 2023, arXiv:2303.01469): teacher DDIM step across "
-            f"{s.skip_steps} timesteps, EMA target μ = {s.target_ema_decay:g}, {s.loss_type} loss, "
+            else f"consistency distillation (Song et al. 2023, arXiv:2303.01469): teacher "
+            f"{'DDIM' if s.teacher_solver == 'ddim' else 'DPM-Solver++(2S)'} step across {s.skip_steps} timesteps, EMA target μ = {s.target_ema_decay:g}, {s.loss_type} loss, "
             f"{s.max_train_steps} updates"
         )
         lines = [
@@ -544,13 +558,68 @@ def ddim_step(model, z, t, t_next, alpha_bar_table, prediction_type: str, clip_r
     )
 
 
+def lambda_midpoints(alpha_bar: torch.Tensor, k: int):
+    """For every t = 0..T-1, the fractional timestep r and its ᾱ_r halfway in λ = ½ log SNR between t and t - k
+    (timestep 0 where t - k < 0): the midpoints of `dpmpp_2s_step` across k timesteps, tabulated once.
+
+    Args:
+        alpha_bar (`torch.Tensor`): ᾱ_0..ᾱ_{T-1}, float64.
+        k (`int`): the skip, --skip_steps.
+
+    Returns:
+        `(torch.Tensor, torch.Tensor)`: r and ᾱ_r, float64, one per t.
+    """
+    table = tm.half_log_snr(alpha_bar.double())
+    t = torch.arange(table.numel())
+    lam_mid = 0.5 * (table[t] + table[(t - k).clamp(min=0)])
+    return grids.timestep_at(lam_mid, table), torch.sigmoid(2.0 * lam_mid)  # ᾱ = sigmoid(2λ)
+
+
+def dpmpp_2s_step(model, z, t, t_next, t_mid, alpha_bar_mid, alpha_bar_table, prediction_type: str, clip_range):
+    """One DPM-Solver++(2S) step z_t -> z_{t''} per sample (Lu et al. 2022, arXiv:2211.01095, Algorithm 1 with
+    r = ½): a DDIM step to the λ-midpoint u (level r), then the step from z_t with u's x̂_0. In α = √ᾱ, σ = √(1-ᾱ):
+
+        u = (σ_r/σ_t) z_t + (α_r - α_t σ_r/σ_t) D_t,     z_t'' = (σ_t''/σ_t) z_t + (α_t'' - α_t σ_t''/σ_t) D_r
+
+    (e^{-h} = α_t σ_t'' / (σ_t α_t''), so no λ is infinite at the data end: t'' = -1 gives z_t'' = D_r).
+    """
+    alpha_bar = alpha_bar_table[t].double()
+    x0 = tm.model_output_to_x0(model(z, t).sample, z, alpha_bar, prediction_type)
+    if clip_range is not None:
+        x0 = tm.clip_x0(x0, clip_range)
+    a_t, s_t = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    a_r, s_r = alpha_bar_mid.double().sqrt(), (1 - alpha_bar_mid.double()).sqrt()
+    u = tm.expand_to(s_r / s_t, z) * z.double() + tm.expand_to(a_r - a_t * s_r / s_t, z) * x0
+    x0_mid = tm.model_output_to_x0(model(u.to(z.dtype), t_mid).sample, u, alpha_bar_mid.double(), prediction_type)
+    if clip_range is not None:
+        x0_mid = tm.clip_x0(x0_mid, clip_range)
+    alpha_bar_next = alpha_bar_table[t_next].double()
+    a_n, s_n = alpha_bar_next.sqrt(), (1 - alpha_bar_next).sqrt()
+    z_next = tm.expand_to(s_n / s_t, z) * z.double() + tm.expand_to(a_n - a_t * s_n / s_t, z) * x0_mid
+    return z_next.to(z.dtype)
+
+
 def consistency_pair(
-    student, target, teacher, z_hi, t_hi, t_lo, alpha_bar_table, teacher_type: str, student_type: str, clip_range=None
+    student,
+    target,
+    teacher,
+    z_hi,
+    t_hi,
+    t_lo,
+    alpha_bar_table,
+    teacher_type: str,
+    student_type: str,
+    clip_range=None,
+    midpoint=None,
 ):
-    """(f_θ(x_{t+k}, t+k), f_θ⁻(x̂_t, t)) of Song et al. 2023, Algorithm 2: x̂_t is one teacher DDIM step from x_{t+k}
-    (the PF-ODE's first-order solver), and f at t = -1 (the data end) is the identity. The second is a constant."""
+    """(f_θ(x_{t+k}, t+k), f_θ⁻(x̂_t, t)) of Song et al. 2023, Algorithm 2: x̂_t is one teacher ODE step from x_{t+k},
+    DDIM (first order), or DPM-Solver++(2S) when `midpoint` = (r, ᾱ_r) per sample is given (`lambda_midpoints`);
+    f at t = -1 (the data end) is the identity. The second is a constant."""
     with torch.no_grad():
-        z_lo = ddim_step(teacher, z_hi, t_hi, t_lo, alpha_bar_table, teacher_type, clip_range)
+        if midpoint is None:
+            z_lo = ddim_step(teacher, z_hi, t_hi, t_lo, alpha_bar_table, teacher_type, clip_range)
+        else:
+            z_lo = dpmpp_2s_step(teacher, z_hi, t_hi, t_lo, *midpoint, alpha_bar_table, teacher_type, clip_range)
         target_x0 = model_x0(target, z_lo, t_lo, alpha_bar_table, student_type)
     return model_x0(student, z_hi, t_hi, alpha_bar_table, student_type), target_x0
 
