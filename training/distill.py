@@ -39,6 +39,7 @@ card names the teacher and the method.
 """
 
 import argparse
+import bisect
 import json
 import logging
 import math
@@ -127,7 +128,13 @@ def build_distill_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--start_steps", type=int, default=64, help="progressive: the teacher's DDIM steps in round 1.")
     g.add_argument("--final_steps", type=int, default=1, help="progressive: the last round's student steps.")
-    g.add_argument("--steps_per_round", type=int, default=300, help="progressive: optimizer updates per round.")
+    g.add_argument(
+        "--steps_per_round",
+        type=str,
+        default="300",
+        help="progressive: optimizer updates per round, one number for every round or one per round, comma-separated "
+        "(e.g. 1200,400,400,600: round 1 also turns the ε-teacher into a v-student).",
+    )
     g.add_argument(
         "--skip_steps",
         type=int,
@@ -170,16 +177,23 @@ def check_distill_args(args: argparse.Namespace) -> None:
     given = [name for name in NOT_FOR_DISTILLATION if getattr(args, name) is not None]
     if given:
         raise ValueError(f"--{given[0]}={getattr(args, given[0])!r} does not apply to distillation ({DESCRIPTION})")
-    for name in ("start_steps", "final_steps", "steps_per_round", "skip_steps"):
+    for name in ("start_steps", "final_steps", "skip_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)!r} must be >= 1.")
-    steps = parse_steps(args.sample_steps)
+    parse_steps(args.sample_steps)
+    per_round = parse_steps(args.steps_per_round, "steps_per_round")
     if args.method == "progressive":
         ratio = args.start_steps // args.final_steps
         if args.start_steps % args.final_steps or ratio < 2 or ratio & (ratio - 1):
             raise ValueError(
                 f"--start_steps={args.start_steps} must be --final_steps={args.final_steps} times a power of 2 "
                 "(>= 2): each round halves the step count."
+            )
+        if len(per_round) not in (1, round(math.log2(ratio))):
+            raise ValueError(
+                f"--steps_per_round={args.steps_per_round!r} must give one number, or one per round "
+                f"({round(math.log2(ratio))} rounds from --start_steps={args.start_steps} to "
+                f"--final_steps={args.final_steps})."
             )
         if args.max_train_steps is not None:
             raise ValueError(
@@ -190,17 +204,15 @@ def check_distill_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--target_ema_decay={args.target_ema_decay!r} must be in [0, 1).")
     if args.huber_c is not None and not (math.isfinite(args.huber_c) and args.huber_c > 0):
         raise ValueError(f"--huber_c={args.huber_c!r} must be a finite number > 0.")
-    if not steps:
-        raise ValueError(f"--sample_steps={args.sample_steps!r} must list at least one step count.")
 
 
-def parse_steps(text: str) -> List[int]:
+def parse_steps(text: str, flag: str = "sample_steps") -> List[int]:
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--sample_steps={text!r} must be comma-separated integers, e.g. '1,2,4'.") from None
-    if any(n < 1 for n in steps):
-        raise ValueError(f"--sample_steps={text!r}: every step count must be >= 1.")
+        raise ValueError(f"--{flag}={text!r} must be comma-separated integers, e.g. '1,2,4'.") from None
+    if not steps or any(n < 1 for n in steps):
+        raise ValueError(f"--{flag}={text!r}: list at least one number, every one >= 1.")
     return steps
 
 
@@ -272,6 +284,9 @@ class DistillationObjective(story.DiffusionObjective):
             )
         schedule = self.teacher_info["schedule"]
         rounds = round(math.log2(args.start_steps // args.final_steps)) if args.method == "progressive" else 0
+        per_round = parse_steps(args.steps_per_round, "steps_per_round")
+        per_round = per_round * rounds if len(per_round) == 1 else per_round
+        round_ends = [sum(per_round[: r + 1]) for r in range(rounds)]  # global_step at the end of each round
         base = resolve_settings(argparse.Namespace(**{**vars(args), "validation_scheduler": "ddim"}))
         return Settings(
             **{
@@ -285,7 +300,8 @@ class DistillationObjective(story.DiffusionObjective):
                 "rescale_betas_zero_snr": bool(schedule.get("rescale_betas_zero_snr", False)),
                 "teacher_prediction_type": self.teacher_info["prediction_type"],
                 "rounds": rounds,
-                "max_train_steps": rounds * args.steps_per_round if rounds else (args.max_train_steps or 2000),
+                "round_ends": round_ends,
+                "max_train_steps": round_ends[-1] if rounds else (args.max_train_steps or 2000),
                 "ddpm_num_inference_steps": args.final_steps if rounds else min(parse_steps(args.sample_steps)),
                 "save_images_epochs": NEVER,
                 "save_model_epochs": NEVER,
@@ -344,7 +360,7 @@ class DistillationObjective(story.DiffusionObjective):
 
     def round_of(self, step: int) -> int:
         """The progressive round (0-based) that update number `step` + 1 belongs to."""
-        return min(step // self.settings.steps_per_round, self.settings.rounds - 1)
+        return min(bisect.bisect_right(self.settings.round_ends, step), self.settings.rounds - 1)
 
     def student_steps(self, round_index: int) -> int:
         """N, the student's step count in round `round_index`: `start_steps` / 2^(round + 1)."""
@@ -419,10 +435,10 @@ class DistillationObjective(story.DiffusionObjective):
                 frozen, [p.detach() for p in run.unwrapped.parameters()], 1.0 - settings.target_ema_decay
             )
             return
-        if step % settings.steps_per_round or step // settings.steps_per_round >= settings.rounds:
+        if step not in settings.round_ends[:-1]:  # the last round's student is the run's own folder (`finish`)
             return
         # A round ended: save its student, which becomes the next round's teacher and the next student's start.
-        r = step // settings.steps_per_round - 1
+        r = settings.round_ends.index(step)
         n = self.student_steps(r)
         with ema_weights(run.unwrapped, run.ema):
             self.frozen.load_state_dict(run.unwrapped.state_dict())
@@ -430,13 +446,13 @@ class DistillationObjective(story.DiffusionObjective):
             folder = os.path.join(settings.output_dir, STUDENTS, f"{n}-step")
             self.save_folder(self.frozen, folder, [n], None, self.card_text([n], {}, round_steps=n))
         logger.info("progressive round %d done: a %d-step student (saved to %s/%d-step)", r + 1, n, STUDENTS, n)
-        if step // settings.steps_per_round < settings.rounds:  # the next round starts from this student
-            run.unwrapped.load_state_dict(self.frozen.state_dict())
-            if run.ema is not None:  # the EMA restarts its warm-up from the new start
-                torch._foreach_copy_(run.ema.shadow_params, [p.detach() for p in run.unwrapped.parameters()])
-                run.ema.optimization_step = 0
-            optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
-            optimizer.state.clear()  # Adam's moments belong to the previous round's problem
+        # The next round starts from this student.
+        run.unwrapped.load_state_dict(self.frozen.state_dict())
+        if run.ema is not None:  # the EMA restarts its warm-up from the new start
+            torch._foreach_copy_(run.ema.shadow_params, [p.detach() for p in run.unwrapped.parameters()])
+            run.ema.optimization_step = 0
+        optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+        optimizer.state.clear()  # Adam's moments belong to the previous round's problem
 
     # -- what the run leaves ----------------------------------------------------------------------------------------
     def distilled_scheduler(self, steps: List[int]) -> TutorialDistilledScheduler:
@@ -463,7 +479,8 @@ class DistillationObjective(story.DiffusionObjective):
         s = self.settings
         method = (
             f"progressive distillation (Salimans & Ho 2022, arXiv:2202.00512): {s.start_steps} teacher DDIM steps "
-            f"halved in {s.rounds} round(s) of {s.steps_per_round} updates down to {s.final_steps}"
+            f"halved in {s.rounds} round(s) of {s.steps_per_round} updates down to {s.final_steps}; the student of "
+            f"each earlier round, in `{STUDENTS}/<N>-step/`, samples N steps"
             if s.method == "progressive"
             else f"consistency distillation (Song et al. 2023, arXiv:2303.01469): teacher "
             f"{'DDIM' if s.teacher_solver == 'ddim' else 'DPM-Solver++(2S)'} step across {s.skip_steps} timesteps, EMA target μ = {s.target_ema_decay:g}, {s.loss_type} loss, "

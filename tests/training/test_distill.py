@@ -57,13 +57,15 @@ def _unet_weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["progressive", "consistency"])
+@pytest.mark.parametrize("method", ["progressive", "progressive-split", "consistency"])
 def test_resume_repeats_the_uninterrupted_distillation_exactly(tmp_path, tiny_teacher, method):
-    # progressive: 2 rounds of 3 updates (4 -> 2 -> 1 steps); the stop at update 4 is inside round 2, after the
-    # teacher was replaced by round 1's student: the resume must restore that teacher (teacher.safetensors), the
-    # student, Adam's moments (cleared at the round's start), the EMA and the data position. consistency: the stop
-    # at update 4 must restore the EMA target network (target.safetensors).
+    # progressive: 2 rounds of 3 updates (4 -> 2 -> 1 steps), or 2 then 4 (split); the stop at update 4 is inside
+    # round 2, after the teacher was replaced by round 1's student: the resume must restore that teacher
+    # (teacher.safetensors), the student, Adam's moments (cleared at the round's start), the EMA and the data
+    # position. consistency: the stop at update 4 must restore the EMA target network (target.safetensors).
     extra = ["--seed", 3, "--random_flip"]
+    if method == "progressive-split":
+        method, extra = "progressive", [*extra, "--steps_per_round", "2,4"]
     full = distill.main(distill_args(tiny_teacher, tmp_path / "full", method, *extra))
     assert full["interrupted"] is False and full["global_step"] == 6
 
@@ -78,6 +80,9 @@ def test_resume_repeats_the_uninterrupted_distillation_exactly(tmp_path, tiny_te
 
     losses_full, losses_cut = read_losses(tmp_path / "full"), read_losses(tmp_path / "cut")
     assert sorted(losses_cut) == list(range(1, 7)) and losses_cut == losses_full  # bit for bit
+    if "2,4" in extra:  # round 1's student was saved after update 2, not 3
+        with open(tmp_path / "full" / "students" / "2-step" / "README.md") as f:
+            assert "2,4 updates" in f.read()
     weights_full, weights_cut = _unet_weights(tmp_path / "full"), _unet_weights(tmp_path / "cut")
     assert all(torch.equal(weights_full[k], weights_cut[k]) for k in weights_full)
 
@@ -120,6 +125,8 @@ def test_flags_of_distillation_are_checked_at_the_door(capsys, tiny_teacher, tmp
     for bad, named in (
         (["--method", "progressive", "--start_steps", "12"], "--start_steps=12"),
         (["--method", "progressive", "--max_train_steps", "5"], "--max_train_steps=5"),
+        (["--method", "progressive", "--start_steps", "8", "--steps_per_round", "4,4"], "--steps_per_round='4,4'"),
+        (["--method", "progressive", "--steps_per_round", "4,0,4"], "--steps_per_round='4,0,4'"),
         (["--target_ema_decay", "1.0"], "--target_ema_decay=1.0"),
         (["--num_class_embeds", "10"], "--num_class_embeds=10"),
         (["--sample_steps", "1,x"], "--sample_steps='1,x'"),
