@@ -109,12 +109,12 @@ def run_script(args, timeout=240, env=None, launcher=None):
 
 
 @contextlib.contextmanager
-def training_in_background(args, output_dir, own_session=False, timeout=120):
-    """The training script in a subprocess, yielded once it has recorded its first update (or ended, or `timeout`
-    passed); killed on the way out if it still runs. `own_session`: a process group of its own, as a terminal gives a
-    job (`os.killpg(proc.pid, ...)` then reaches its DataLoader workers too)."""
+def training_in_background(args, output_dir, own_session=False, timeout=120, script=SCRIPT):
+    """The training script (or `script`, e.g. distill.py) in a subprocess, yielded once it has recorded its first
+    update (or ended, or `timeout` passed); killed on the way out if it still runs. `own_session`: a process group of
+    its own, as a terminal gives a job (`os.killpg(proc.pid, ...)` then reaches its DataLoader workers too)."""
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *map(str, args)],
+        [sys.executable, str(script), *map(str, args)],
         cwd=ROOT,
         env=subprocess_env(),
         stdout=subprocess.PIPE,

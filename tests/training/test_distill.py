@@ -2,9 +2,14 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -15,7 +20,7 @@ from schedulers import TutorialDDIMScheduler, TutorialDistilledScheduler
 from training import distill
 from training import train_unconditional as tu
 
-from .conftest import TINY_UNET, read_losses, subprocess_env
+from .conftest import ROOT, TINY_UNET, read_losses, subprocess_env, training_in_background
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +141,61 @@ def test_flags_of_distillation_are_checked_at_the_door(capsys, tiny_teacher, tmp
         assert named in capsys.readouterr().err
     with pytest.raises(tu.TrainingError, match="not a pipeline folder"):
         distill.main(distill_args(str(tmp_path / "missing"), tmp_path / "out", "consistency"))
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_sigterm_saves_the_frozen_network_and_the_run_resumes(tmp_path, tiny_teacher, method):
+    # distill.py as a script: SIGTERM mid-run saves a checkpoint with the round's teacher (progressive) or the target
+    # network (consistency) and exits 0; `--resume_from_checkpoint latest` continues from it.
+    out = tmp_path / "run"
+    long = ["--steps_per_round", 100000] if method == "progressive" else ["--max_train_steps", 100000]
+    argv = distill_args(tiny_teacher, out, method, *long, "--checkpointing_steps", 100000)
+    with training_in_background(argv, out, script=ROOT / "training" / "distill.py") as proc:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    (ckpt,) = tu.list_checkpoints(out)
+    step = int(ckpt.rsplit("-", 1)[1])
+    assert 1 <= step < 100000 and max(read_losses(out)) == step
+    frozen = "teacher.safetensors" if method == "progressive" else "target.safetensors"
+    assert os.path.exists(os.path.join(ckpt, frozen))
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["interrupted"] is True
+    assert not (out / "model_index.json").exists()  # no folder from an unfinished run
+    # The same flags (the budget is run-defining for progressive), stopped right after the next update.
+    resumed = distill.main([*argv, "--resume_from_checkpoint", "latest"], should_stop=lambda s: s == step + 1)
+    assert resumed["global_step"] == step + 1 and sorted(read_losses(out))[-1] == step + 1
+
+
+def test_push_to_hub_uploads_the_distilled_folder(tmp_path, tiny_teacher, monkeypatch):
+    # huggingface_hub's HfApi patched at its boundary (as in test_push_to_hub.py): nothing leaves the machine.
+    hub, calls = tmp_path / "hub", []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        calls.append(("create_repo", repo_id, private, self.token))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, create_pr=False, **kwargs):
+        calls.append(("upload_folder", repo_id))
+        shutil.copytree(folder_path, hub / repo_id)
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    hub_flags = ["--push_to_hub", "--hub_model_id", "me/tiny-cd", "--hub_token", "hf_fake", "--hub_private_repo"]
+    distill.main(distill_args(tiny_teacher, tmp_path / "run", "consistency", *hub_flags))
+
+    assert calls == [("create_repo", "me/tiny-cd", True, "hf_fake"), ("upload_folder", "me/tiny-cd")]
+    repo = hub / "me" / "tiny-cd"
+    files = {os.path.relpath(os.path.join(d, f), repo) for d, _, fs in os.walk(repo) for f in fs}
+    assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors"} <= files
+    assert "scheduler/scheduling_tutorial_distilled.py" in files  # the sampler's code travels with the folder
+    assert not any(f.startswith(("checkpoint-", "logs", "grids", "losses")) for f in files)
+    card = (repo / "README.md").read_text()
+    assert "method: consistency distillation" in card and "teacher: `tiny-ddpm`" in card
+    assert "accelerate launch training/distill.py" in card
+    pipe = TutorialUnconditionalPipeline.from_pretrained(str(repo))
+    assert pipe.scheduler.config.distillation == "consistency" and pipe.scheduler.config.distilled_steps == [1, 2, 4]
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
