@@ -6,6 +6,7 @@ from .pipeline_tutorial_class_conditional import TutorialClassConditionalPipelin
 from .pipeline_tutorial_ddim_inversion import TutorialDDIMInversionPipeline, TutorialInversionOutput, slerp
 from .pipeline_tutorial_img2img import TutorialImg2ImgPipeline
 from .pipeline_tutorial_inverse_problem import TutorialInverseProblemPipeline
+from .pipeline_tutorial_latent import TutorialLatentPipeline
 from .pipeline_tutorial_repaint import TutorialRePaintPipeline
 from .pipeline_tutorial_super_resolution import TutorialSuperResolutionPipeline
 from .pipeline_tutorial_unconditional import TutorialUnconditionalPipeline
@@ -37,6 +38,7 @@ __all__ = [
     "TutorialImg2ImgPipeline",
     "TutorialInverseProblemPipeline",
     "TutorialInversionOutput",
+    "TutorialLatentPipeline",
     "TutorialPipelineBase",
     "TutorialPipelineOutput",
     "TutorialRePaintPipeline",

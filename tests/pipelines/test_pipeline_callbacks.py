@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 import custom_pipelines
 from custom_pipelines import (
@@ -13,6 +14,7 @@ from custom_pipelines import (
     TutorialDDIMInversionPipeline,
     TutorialImg2ImgPipeline,
     TutorialInverseProblemPipeline,
+    TutorialLatentPipeline,
     TutorialPipelineBase,
     TutorialSuperResolutionPipeline,
     TutorialUnconditionalPipeline,
@@ -39,7 +41,26 @@ CALLBACK_PIPELINES = {
             measurement=torch.zeros(2, 3), operator=Inpainting(torch.eye(8)[0:1].T @ torch.eye(8)[0:1]), method="ddnm"
         ),
     ),
+    TutorialLatentPipeline: ({}, dict(batch_size=2)),
 }
+
+
+def _components(pipeline_cls) -> dict:
+    """Components besides the UNet and the scheduler: the latent pipeline's VAE (3 x 8x8 latents, f = 1)."""
+    if pipeline_cls is not TutorialLatentPipeline:
+        return {}
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8,), latent_channels=3, norm_num_groups=8, sample_size=8, layers_per_block=1
+    ).eval()
+    return {"vae": vae}
+
+
+def _images_of_zero_latents(pipe) -> torch.Tensor:
+    """What x_0 = 0 in model space becomes: 0.5 everywhere, or the decoded zero latents of a latent pipeline."""
+    if isinstance(pipe, TutorialLatentPipeline):
+        return pipe.postprocess(pipe.decode_latents(torch.zeros(2, 3, 8, 8)), "pt")
+    return torch.full((2, 3, 8, 8), 0.5)
 
 
 def test_every_pipeline_that_takes_callbacks_is_checked_here():
@@ -69,7 +90,9 @@ def test_every_pipeline_that_takes_callbacks_is_checked_here():
 )
 def test_callback_returning_latents_of_another_shape_is_refused(pipeline_cls, returned, match, unet_factory):
     unet_config, call_kwargs = CALLBACK_PIPELINES[pipeline_cls]
-    pipe = pipeline_cls(unet=unet_factory(**unet_config), scheduler=TutorialDDIMScheduler())
+    pipe = pipeline_cls(
+        unet=unet_factory(**unet_config), scheduler=TutorialDDIMScheduler(), **_components(pipeline_cls)
+    )
     pipe.set_progress_bar_config(disable=True)
     steps = []
 
@@ -85,11 +108,14 @@ def test_callback_returning_latents_of_another_shape_is_refused(pipeline_cls, re
 @pytest.mark.parametrize("pipeline_cls", list(CALLBACK_PIPELINES), ids=lambda c: c.__name__)
 def test_callback_may_return_none_or_replace_latents_of_the_same_shape(pipeline_cls, unet_factory):
     unet_config, call_kwargs = CALLBACK_PIPELINES[pipeline_cls]
-    pipe = pipeline_cls(unet=unet_factory(**unet_config), scheduler=TutorialDDIMScheduler())
+    pipe = pipeline_cls(
+        unet=unet_factory(**unet_config), scheduler=TutorialDDIMScheduler(), **_components(pipeline_cls)
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def callback(p, i, t, kwargs):
         return {"latents": torch.zeros_like(kwargs["latents"])} if i == 2 else None
 
     images = pipe(num_inference_steps=3, callback_on_step_end=callback, output_type="pt", **call_kwargs).images
-    torch.testing.assert_close(images, torch.full((2, 3, 8, 8), 0.5))  # x_0 = 0 in [-1, 1] -> 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(images, _images_of_zero_latents(pipe))  # x_0 = 0 in [-1, 1] -> 0.5

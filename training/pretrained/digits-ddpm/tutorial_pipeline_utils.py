@@ -109,6 +109,11 @@ class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionP
         hw = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, self.unet.config.in_channels) + hw
 
+    def image_shape(self, batch_size: int) -> Tuple[int, ...]:
+        """(B, C, H, W) of the images the pipeline takes and returns: the UNet's input here; a latent pipeline's
+        autoencoder changes it."""
+        return self.sample_shape(batch_size)
+
     def prepare_latents(
         self,
         batch_size: int,
@@ -286,9 +291,9 @@ class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionP
                 f"{name} must be PIL images, an array (B, H, W, C) or a tensor (B, C, H, W); got {type(image).__name__}"
                 f"{' of shape ' + str(tuple(image.shape)) if torch.is_tensor(image) else ''}."
             )
-        expected = self.sample_shape(image.shape[0])
+        expected = self.image_shape(image.shape[0])
         if tuple(image.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(image.shape)}; expected {expected} for this UNet.")
+            raise ValueError(f"{name} has shape {tuple(image.shape)}; expected {expected} for this pipeline.")
         return (2 * image - 1).to(device=self._execution_device, dtype=self.unet.dtype)
 
     def postprocess(self, sample: torch.Tensor, output_type: str):
