@@ -30,9 +30,15 @@ def ema_weights(model, ema: Optional[EMA]):
         yield model
 
 
-def make_pipeline(unet, args: argparse.Namespace):
-    from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+def make_pipeline(unet, args: argparse.Namespace, vae=None):
+    from custom_pipelines import (
+        TutorialClassConditionalPipeline,
+        TutorialLatentPipeline,
+        TutorialUnconditionalPipeline,
+    )
 
+    if vae is not None:
+        return TutorialLatentPipeline(vae=vae, unet=unet, scheduler=make_scheduler(args, args.validation_scheduler))
     if super_resolution.is_super_resolution(args):
         return super_resolution.make_pipeline(unet, make_scheduler(args, args.validation_scheduler))
     pipeline_cls = TutorialClassConditionalPipeline if args.num_class_embeds else TutorialUnconditionalPipeline
@@ -40,7 +46,7 @@ def make_pipeline(unet, args: argparse.Namespace):
 
 
 def validation_samples(
-    accelerator, unet, args, num_samples: int, desc: Optional[str] = "validation samples"
+    accelerator, unet, args, num_samples: int, desc: Optional[str] = "validation samples", vae=None
 ) -> torch.Tensor:
     """`num_samples` samples in [-1, 1], sharded over processes and gathered (identical to a 1-process run).
 
@@ -51,6 +57,7 @@ def validation_samples(
         num_samples (`int`): how many samples in all.
         desc (`str`, *optional*, defaults to `"validation samples"`): the progress bar's name (shown on the local
             main process); None: no bar.
+        vae (`AutoencoderKL`, *optional*): the UNet samples its latents, decoded through it (`TutorialLatentPipeline`).
 
     Returns:
         `torch.Tensor`: (num_samples, C, H, W) in [-1, 1], on the CPU, on every process.
@@ -76,10 +83,11 @@ def validation_samples(
         class_labels=labels,
         guidance_scale=args.guidance_scale,
         desc=desc,
+        vae=vae,
     )
 
 
-def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[str] = None):
+def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[str] = None, vae=None):
     """Sample with the EMA weights, save a grid, and on the digits compute the metrics; returns (metrics, samples).
 
     The sampling shows a progress bar named `"validation samples (<name>)"` on the local main process.
@@ -90,6 +98,7 @@ def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[st
         args (`Settings`): the run's settings. state: the run's counters (`global_step`).
         writer: a TensorBoard writer, or None.
         name (`str`, *optional*): the grid's file name without `.png`; defaults to `step_<global_step>`.
+        vae (`AutoencoderKL`, *optional*): a latent run's; the samples are decoded through it.
 
     Returns:
         `tuple`: (`dict` of metrics with `"step"`, `torch.Tensor` of samples in [-1, 1]).
@@ -109,7 +118,7 @@ def evaluate_now(accelerator, model, ema, args, state, writer, name: Optional[st
         return result
     with ema_weights(unet, ema):
         n = args.eval_num_samples or args.eval_batch_size
-        samples = validation_samples(accelerator, unet, args, n, desc=f"validation samples ({name})")
+        samples = validation_samples(accelerator, unet, args, n, desc=f"validation samples ({name})", vae=vae)
     unet.train(was_training)
     metrics = {"step": state.global_step}
     if accelerator.is_main_process:
@@ -129,7 +138,7 @@ def samples_labels(args, n: int) -> Optional[torch.Tensor]:
     return torch.arange(n) % min(args.num_class_embeds, DIGITS_NUM_CLASSES)
 
 
-def save_pipeline(accelerator, model, ema, args, samples: Optional[torch.Tensor], card_text: str):
+def save_pipeline(accelerator, model, ema, args, samples: Optional[torch.Tensor], card_text: str, vae=None):
     """Write the self-contained pipeline folder (EMA weights in) to `output_dir` (main process only).
 
     Args:
@@ -138,6 +147,7 @@ def save_pipeline(accelerator, model, ema, args, samples: Optional[torch.Tensor]
         args (`Settings`): the run's settings (`output_dir`, the validation scheduler, `ddpm_num_inference_steps`).
         samples (`torch.Tensor`, *optional*): samples in [-1, 1] for the model card's grid.
         card_text (`str`): the model card's training section.
+        vae (`AutoencoderKL`, *optional*): a latent run's, saved in `vae/` (float32) with `TutorialLatentPipeline`.
 
     Returns:
         the saved pipeline on the main process, None on the others.
@@ -149,7 +159,11 @@ def save_pipeline(accelerator, model, ema, args, samples: Optional[torch.Tensor]
     with ema_weights(unet, ema):
         export = UNet2DModel.from_config(unet.config)
         export.load_state_dict({k: v.detach().float().cpu() for k, v in unet.state_dict().items()})
-    pipe = make_pipeline(export, args)
+    export_vae = None
+    if vae is not None:
+        export_vae = type(vae).from_config(vae.config)
+        export_vae.load_state_dict({k: v.detach().float().cpu() for k, v in vae.state_dict().items()})
+    pipe = make_pipeline(export, args, export_vae)
     images = None if samples is None else [make_grid_image(samples, args)]
     pipe.save_pretrained(
         args.output_dir,

@@ -20,6 +20,7 @@ def sample_digits(
     class_labels: Optional[torch.Tensor] = None,
     guidance_scale: float = 1.0,
     progress: Optional[tqdm] = None,
+    vae=None,
 ) -> torch.Tensor:
     """Samples in [-1, 1] from `unet` with `scheduler`, one per generator.
 
@@ -34,13 +35,22 @@ def sample_digits(
         class_labels (`torch.Tensor`, *optional*): one class per sample, for class-conditional UNets.
         guidance_scale (`float`, defaults to 1.0): classifier-free guidance scale (class-conditional UNets only).
         progress (`tqdm`, *optional*): a progress bar updated after every scheduler step; it changes no sample.
+        vae (`AutoencoderKL`, *optional*): `unet` denoises its scaled latents; they are decoded through it
+            (`TutorialLatentPipeline`, unconditional UNets only).
 
     Returns:
         `torch.Tensor`: the samples, (len(generators), C, H, W) in [-1, 1].
     """
-    from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+    from custom_pipelines import (
+        TutorialClassConditionalPipeline,
+        TutorialLatentPipeline,
+        TutorialUnconditionalPipeline,
+    )
 
-    if class_labels is None:
+    if vae is not None:
+        pipe = TutorialLatentPipeline(vae=vae, unet=unet, scheduler=scheduler)
+        kwargs = {"batch_size": len(generators)}
+    elif class_labels is None:
         pipe = TutorialUnconditionalPipeline(unet=unet, scheduler=scheduler)
         kwargs = {"batch_size": len(generators)}
     else:
@@ -74,6 +84,7 @@ def sample_sharded(
     guidance_scale: float = 1.0,
     batch_size: int = 256,
     desc: Optional[str] = None,
+    vae=None,
 ) -> torch.Tensor:
     """`num_samples` samples, process r of W drawing indices r, r + W, ...; gathered in index order on every process.
 
@@ -90,6 +101,7 @@ def sample_sharded(
         batch_size (`int`, defaults to 256): samples per pipeline call on each process.
         desc (`str`, *optional*): the name of the phase: with it, a tqdm progress bar of that name (on stderr, on the
             local main process only) counts the denoising steps of every chunk of this process; None: no bar.
+        vae (`AutoencoderKL`, *optional*): decode the UNet's latents through it (see `sample_digits`).
 
     Returns:
         `torch.Tensor`: the samples in index order, (num_samples, C, H, W) in [-1, 1], on the CPU.
@@ -110,7 +122,7 @@ def sample_sharded(
         generators = sample_generators(seed, idx)
         chunks.append(
             sample_digits(
-                unet, scheduler, generators, num_inference_steps, labels, guidance_scale, progress=progress
+                unet, scheduler, generators, num_inference_steps, labels, guidance_scale, progress=progress, vae=vae
             ).float()
         )
     if progress is not None:

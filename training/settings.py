@@ -82,6 +82,7 @@ RUN_DEFINING_FLAGS = (
     "train_batch_size",
     "gradient_accumulation_steps",
     "use_ema",
+    "vae",
 )
 
 
@@ -230,6 +231,14 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
         help="With --num_class_embeds: probability of replacing a label by the null class (for CFG).",
     )
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale of class-conditional samples.")
+    p.add_argument(
+        "--vae",
+        type=str,
+        default=None,
+        help="Latent diffusion: an AutoencoderKL folder (or a folder with it in vae/); the UNet is trained on its "
+        "latents scaled by the config's scaling_factor (shape from the VAE), samples are decoded through it, and the "
+        "folder holds TutorialLatentPipeline.",
+    )
     p.add_argument(
         "--conditioning",
         type=str,
@@ -473,6 +482,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("pass only one of --dataset_name and --train_data_dir.")
     check_super_resolution_args(args)
+    if getattr(args, "vae", None) is not None and (args.num_class_embeds or args.conditioning != "none"):
+        given = f"--num_class_embeds={args.num_class_embeds!r}" if args.num_class_embeds else "--conditioning"
+        raise ValueError(
+            f"--vae={args.vae!r} with {given}: latent training is unconditional (TutorialLatentPipeline); "
+            "drop one of the two."
+        )
     if args.preserve_input_precision and args.data_loading == "cache":
         raise ValueError(
             "--preserve_input_precision with --data_loading='cache': the cache holds 8 bits per pixel; "

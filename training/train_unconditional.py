@@ -157,6 +157,8 @@ class DiffusionObjective:
 
     tracker_name = "train_unconditional"  # the trackers' project name
     run_defining_flags = RUN_DEFINING_FLAGS  # a resume with one of these changed is refused
+    vae = None  # the frozen AutoencoderKL samples are decoded through (`training/latent.py`); None: pixel space
+    trains_on_latents = False  # `--vae` is refused unless the objective encodes the batches (LatentDiffusionObjective)
 
     def resolve_settings(self, args: argparse.Namespace) -> Settings:
         return resolve_settings(args)
@@ -184,9 +186,11 @@ class DiffusionObjective:
         """The final evaluation (EMA weights), the pipeline folder with its model card, the Hub; returns the metrics."""
         settings, accelerator = run.settings, run.accelerator
         logger.info("final evaluation at update %d", run.state.global_step)
-        final, samples = evaluate_now(accelerator, run.model, run.ema, settings, run.state, writer, name="final")
+        final, samples = evaluate_now(
+            accelerator, run.model, run.ema, settings, run.state, writer, name="final", vae=self.vae
+        )
         card = model_card_text(settings, argv, final)
-        pipe = save_pipeline(accelerator, run.model, run.ema, settings, samples, card)
+        pipe = save_pipeline(accelerator, run.model, run.ema, settings, samples, card, vae=self.vae)
         if settings.push_to_hub and accelerator.is_main_process:
             logger.info("pushing the pipeline folder to the Hub")
             push(pipe, settings, samples, card)
@@ -230,6 +234,15 @@ def update(run: TrainingRun) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # The story
 # ----------------------------------------------------------------------------------------------------------------
+def default_objective(args: argparse.Namespace) -> DiffusionObjective:
+    """DDPM's objective on pixels, or on a VAE's latents with `--vae` (`training/latent.py`)."""
+    if getattr(args, "vae", None):
+        from training.latent import LatentDiffusionObjective
+
+        return LatentDiffusionObjective()
+    return DiffusionObjective()
+
+
 def train(
     args: argparse.Namespace,
     should_stop: Callable[[int], bool] = lambda step: False,
@@ -244,7 +257,9 @@ def train(
         `dict`: the final metrics (also written to `<output_dir>/metrics.json`), with `"interrupted"`.
     """
     # -- settings and accelerator; the output folder is held by this run until it ends
-    objective = objective or DiffusionObjective()
+    objective = objective or default_objective(args)
+    if getattr(args, "vae", None) and not objective.trains_on_latents:
+        raise TrainingError(f"--vae={args.vae!r}: {type(objective).__name__} does not train on latents.")
     settings = objective.resolve_settings(args)
     output_folder.check_output_dir(settings.output_dir)
     accelerator = Accelerator(
@@ -400,7 +415,9 @@ def train_loop(
             if due or evaluate or checkpoint:
                 losses.flush()
             if evaluate:
-                history.append(evaluate_now(accelerator, run.model, run.ema, settings, state, writer)[0])
+                history.append(
+                    evaluate_now(accelerator, run.model, run.ema, settings, state, writer, vae=run.objective.vae)[0]
+                )
                 accelerator.log({f"eval/{k}": v for k, v in history[-1].items() if isinstance(v, float)}, step=step)
                 write_metrics(accelerator, settings, state, history, {}, interrupted=False)
                 losses.reset_clock()
@@ -420,10 +437,14 @@ def train_loop(
         else:  # a full epoch ended: diffusers' per-epoch hooks
             if (epoch + 1) % settings.save_images_epochs == 0 and not settings.eval_every_steps:
                 losses.flush()
-                evaluate_now(accelerator, run.model, run.ema, settings, state, writer, name=f"epoch_{epoch + 1:04d}")
+                name = f"epoch_{epoch + 1:04d}"
+                evaluate_now(
+                    accelerator, run.model, run.ema, settings, state, writer, name=name, vae=run.objective.vae
+                )
             if (epoch + 1) % settings.save_model_epochs == 0:
                 losses.flush()
-                save_pipeline(accelerator, run.model, run.ema, settings, None, model_card_text(settings, argv, {}))
+                card = model_card_text(settings, argv, {})
+                save_pipeline(accelerator, run.model, run.ema, settings, None, card, vae=run.objective.vae)
     losses.flush()
     return False
 

@@ -77,6 +77,41 @@ def test_device_placement_every_tensor_of_the_training_state_follows_the_acceler
     assert not _off_device(run)
 
 
+def test_device_placement_a_latent_run_keeps_the_vae_and_its_latents_on_the_device(monkeypatch, tmp_path):
+    # --vae: the frozen VAE moves with the run, each batch is encoded (a posterior sample) on the device.
+    from diffusers import AutoencoderKL
+
+    from training.latent import LatentDiffusionObjective
+
+    torch.manual_seed(0)
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        latent_channels=2,
+        norm_num_groups=8,
+        sample_size=8,
+        layers_per_block=1,
+        **blocks,
+    ).save_pretrained(tmp_path / "vae")
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: META))
+    argv = ["--vae", tmp_path / "vae", "--resolution", 8, "--max_train_samples", 64, "--train_batch_size", 8]
+    argv += ["--output_dir", tmp_path / "run", "--logger", "none", "--mixed_precision", "no"]
+    objective = LatentDiffusionObjective()
+    settings = objective.resolve_settings(tu.parse_args([str(a) for a in argv]))
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    run = prepare_training(
+        settings, accelerator, objective.build_model(settings), load_training_data(settings, accelerator)
+    )
+    run.objective = objective
+    objective.prepare(run)
+    assert all(t.device == META for t in objective.vae.state_dict().values())
+    assert run.unwrapped.config.in_channels == 2 and run.unwrapped.config.sample_size == 4
+    _train_updates(run, 2)
+    assert run.state.global_step == 2 and not _off_device(run)
+
+
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
 def test_device_placement_a_resumed_run_holds_the_checkpoint_on_the_device(monkeypatch, tiny_config, tmp_path):
     # A real checkpoint written by a CPU run, loaded into a run on another device: every value is copied into the
@@ -131,3 +166,24 @@ def test_device_placement_checkpoints_carry_every_cuda_generator(monkeypatch):
     assert state["cuda"] == [s.tolist() for s in states]
     ckpt.set_rng_state(state)
     assert [torch.equal(a, b) for a, b in zip(restored, states)] == [True, True]
+
+
+def test_device_placement_the_autoencoder_objective_keeps_its_state_on_the_device(monkeypatch, tmp_path):
+    # training/train_autoencoder.py through the same story: its AutoencoderKL, Adam's moments, the EMA and the
+    # posterior's noise all live on the accelerator's device.
+    from training import train_autoencoder as ta
+
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: META))
+    argv = ["--resolution", 8, "--downsample_factor", 2, "--block_out_channels", "8,16", "--max_train_samples", 64]
+    argv += ["--train_batch_size", 8, "--output_dir", tmp_path / "run", "--logger", "none", "--mixed_precision", "no"]
+    objective = ta.AutoencoderObjective([])
+    settings = objective.resolve_settings(ta.parse_autoencoder_args(list(map(str, argv))))
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    dataset = load_training_data(settings, accelerator)
+    run = prepare_training(settings, accelerator, objective.build_model(settings), dataset)
+    run.objective = objective
+    objective.prepare(run)
+    _train_updates(run, 3)
+    assert run.state.global_step == 3 and any(k.startswith("optimizer.") for k in run.tensors())
+    # the noise scheduler that prepare_training builds for every run is never used by this objective
+    assert not [name for name in _off_device(run) if not name.startswith("noise_scheduler.")]
