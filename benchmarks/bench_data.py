@@ -242,7 +242,7 @@ def child_ours(spec: dict) -> dict:
 
     from training.model import build_model
     from training.settings import parse_args, resolve_settings
-    from training.train_unconditional import micro_step, update
+    from training.train_unconditional import DiffusionObjective, micro_step, update
     from training.training_run import load_training_data, prepare_training
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -271,6 +271,8 @@ def child_ours(spec: dict) -> dict:
     torch.manual_seed(settings.seed)
     model = build_model(settings, settings.num_channels)
     run = prepare_training(settings, accelerator, model, dataset)
+    run.objective = DiffusionObjective()  # as the script's story does (run_training) before the loop
+    run.objective.prepare(run)
     run.model.train()
     batches = run.batches.epoch(0)
     batch = next(batches)
