@@ -55,6 +55,8 @@ OWNED_NAMES = (
     LOSSES + ".tmp",
     "abandoned",
     "students",  # training/distill.py: the student of every progressive round
+    "config.json",  # training/train_autoencoder.py: the AutoencoderKL at the folder's root
+    "diffusion_pytorch_model.safetensors",
 )
 OWNED_PATTERN = re.compile(
     r"^(checkpoint-\d+|\.tmp-checkpoint-\d+|\.tmp-pipeline-save-[\w.-]+|pipeline_tutorial_\w+\.py|tutorial_\w+\.py)$"
