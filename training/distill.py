@@ -284,8 +284,8 @@ class DistillationObjective(story.DiffusionObjective):
             )
         schedule = self.teacher_info["schedule"]
         rounds = round(math.log2(args.start_steps // args.final_steps)) if args.method == "progressive" else 0
-        per_round = parse_steps(args.steps_per_round, "steps_per_round")
-        per_round = per_round * rounds if len(per_round) == 1 else per_round
+        given = parse_steps(args.steps_per_round, "steps_per_round")
+        per_round = given * rounds if len(given) == 1 else given
         round_ends = [sum(per_round[: r + 1]) for r in range(rounds)]  # global_step at the end of each round
         base = resolve_settings(argparse.Namespace(**{**vars(args), "validation_scheduler": "ddim"}))
         return Settings(
@@ -300,6 +300,8 @@ class DistillationObjective(story.DiffusionObjective):
                 "rescale_betas_zero_snr": bool(schedule.get("rescale_betas_zero_snr", False)),
                 "teacher_prediction_type": self.teacher_info["prediction_type"],
                 "rounds": rounds,
+                # one number stays an int, as checkpoints written before per-round budgets recorded it
+                "steps_per_round": given[0] if len(set(given)) == 1 else args.steps_per_round,
                 "round_ends": round_ends,
                 "max_train_steps": round_ends[-1] if rounds else (args.max_train_steps or 2000),
                 "ddpm_num_inference_steps": args.final_steps if rounds else min(parse_steps(args.sample_steps)),
