@@ -11,7 +11,9 @@ weights and config in `unet/`, `scheduler/scheduler_config.json`, `README.md`, `
 `TutorialPipelineBase.save_code`, the function `save_pretrained` calls, so a shipped folder's code is exactly what a
 fresh save would write. The pipeline class is the one `model_index.json` names, each component's class the one its own
 config names; the UNet is built on the meta device, so no weights are read. Code files the library no longer ships
-are removed. Never edit these files by hand: change the library, then run this.
+are removed. Never edit these files by hand: change the library, then run this. A folder without a
+`model_index.json` is a model alone (`digits-vae/`, an `AutoencoderKL` written by `training/train_autoencoder.py`):
+it holds no code, so there is nothing here to generate; it is checked by tests/training/test_train_autoencoder.py.
 """
 
 import argparse
