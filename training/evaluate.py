@@ -98,7 +98,8 @@ def evaluate_folder(
     means at `noise_level` instead, and reports `training.super_resolution.restoration_metrics`.
 
     Args:
-        folder (`str`): a folder written by `TutorialUnconditionalPipeline.save_pretrained`.
+        folder (`str`): a folder written by `TutorialUnconditionalPipeline.save_pretrained` (or the class-conditional
+            or latent pipeline's: a latent folder's samples are decoded through its VAE before they are scored).
         scheduler (`str`): one of `SCHEDULER_CHOICES`; `"saved"` uses the folder's scheduler.
         num_inference_steps (`int`): sampling steps. num_samples (`int`): samples to draw.
         seed (`int`): sample i uses seed `seed * 1_000_003 + i`.
@@ -115,7 +116,8 @@ def evaluate_folder(
 
     Raises:
         `EvaluationError`, before anything is sampled: a number out of range, a folder without `model_index.json`,
-        `unet/` or `scheduler/`, a damaged JSON file (named), or a UNet that is not 1-channel.
+        `unet/` or `scheduler/`, a damaged JSON file (named), a model that does not make 1-channel images (the UNet,
+        or a latent folder's VAE), or likelihoods asked of a class-conditional or latent folder.
     """
     import time
 
@@ -154,6 +156,7 @@ def evaluate_folder(
         class_labels=labels,
         guidance_scale=guidance_scale,
         desc="evaluation samples",
+        vae=getattr(pipe, "vae", None),
     )
     seconds = time.perf_counter() - tic
     if grid_path:
@@ -224,25 +227,29 @@ def _evaluate_super_resolution(folder, scheduler, num_inference_steps, num_sampl
 
 
 def _load_checked_pipeline(folder: str, likelihood_samples: int):
-    """The folder's pipeline, after checking the folder, that likelihoods are asked of unconditional ones only, and
-    that the UNet makes 1-channel digits; every problem an `EvaluationError`."""
-    from custom_pipelines import TutorialClassConditionalPipeline
+    """The folder's pipeline, after checking the folder, that likelihoods are asked of pixel-space unconditional ones
+    only, and that the model makes 1-channel digits (the UNet, or a latent folder's VAE decoder); every problem an
+    `EvaluationError`."""
+    from custom_pipelines import TutorialClassConditionalPipeline, TutorialLatentPipeline
 
-    index = _read_model_index(folder)
-    class_name = index.get("_class_name")
-    class_name = class_name[-1] if isinstance(class_name, list) else class_name
-    conditional = class_name == TutorialClassConditionalPipeline.__name__
-    if conditional and likelihood_samples:
+    class_name = _class_name(_read_model_index(folder))
+    if (
+        class_name in (TutorialClassConditionalPipeline.__name__, TutorialLatentPipeline.__name__)
+        and likelihood_samples
+    ):
         raise EvaluationError(
-            f"--likelihood_samples={likelihood_samples}: likelihoods are computed for unconditional pipelines, and "
-            f"{folder!r} holds a {class_name}; pass --likelihood_samples 0."
+            f"--likelihood_samples={likelihood_samples}: likelihoods are computed for pixel-space unconditional "
+            f"pipelines, and {folder!r} holds a {class_name}; pass --likelihood_samples 0."
         )
-    pipe = _load_pipeline(folder, conditional)
-    channels = pipe.unet.config.in_channels
+    pipe = _load_pipeline(folder, class_name)
+    if isinstance(pipe, TutorialLatentPipeline):
+        made_by, channels = "the VAE decodes to out_channels", pipe.vae.config.out_channels
+    else:
+        made_by, channels = "the UNet has in_channels", pipe.unet.config.in_channels
     if channels != 1:
         raise EvaluationError(
-            f"{folder!r}: the UNet has in_channels={channels}; the digits metrics compare samples with the 1-channel "
-            "(grayscale) digits, so they need a 1-channel model."
+            f"{folder!r}: {made_by}={channels}; the digits metrics compare samples with the 1-channel (grayscale) "
+            "digits, so they need a 1-channel model."
         )
     return pipe
 
@@ -270,11 +277,18 @@ def _read_model_index(folder: str) -> Dict:
     return index
 
 
-def _load_pipeline(folder: str, conditional: bool):
+def _load_pipeline(folder: str, class_name: Optional[str]):
     """The saved pipeline (our class, no remote code); a damaged file is named in an `EvaluationError`."""
-    from custom_pipelines import TutorialClassConditionalPipeline, TutorialUnconditionalPipeline
+    from custom_pipelines import (
+        TutorialClassConditionalPipeline,
+        TutorialLatentPipeline,
+        TutorialUnconditionalPipeline,
+    )
 
-    pipeline_cls = TutorialClassConditionalPipeline if conditional else TutorialUnconditionalPipeline
+    pipeline_cls = {
+        TutorialClassConditionalPipeline.__name__: TutorialClassConditionalPipeline,
+        TutorialLatentPipeline.__name__: TutorialLatentPipeline,
+    }.get(class_name, TutorialUnconditionalPipeline)
     try:
         return pipeline_cls.from_pretrained(folder)
     except (OSError, ValueError) as err:  # diffusers names the file: "the config file at '...' is not a valid JSON"

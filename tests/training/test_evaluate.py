@@ -216,3 +216,40 @@ def test_evaluate_folder_refuses_an_unknown_scheduler_naming_the_choices(tmp_pat
     _save_tiny_pipeline(tmp_path / "pipe")
     with pytest.raises(evaluate.EvaluationError, match=r"--scheduler='heun' is not supported; choose one of \("):
         evaluate.evaluate_folder(str(tmp_path / "pipe"), scheduler="heun")
+
+
+# ---- latent folders (issue 25): samples are decoded through the folder's VAE before they are scored ------------------
+def _save_tiny_latent_pipeline(folder, out_channels=1):
+    """A TutorialLatentPipeline of random weights: the tiny VAE of the latent-training tests (8x8 digits <-> 2 x 4x4
+    latents), the decoder made `out_channels`-channel, and a UNet for its latents."""
+    from diffusers import AutoencoderKL
+
+    from custom_pipelines import TutorialLatentPipeline
+
+    from .test_latent_training import TINY_LATENT_UNET, save_vae
+
+    vae = AutoencoderKL.from_pretrained(save_vae(folder / "ae", scaling_factor=2.0))
+    if out_channels != 1:
+        vae = AutoencoderKL.from_config({**vae.config, "out_channels": out_channels})
+    unet = UNet2DModel(**{k: v for k, v in TINY_LATENT_UNET.items() if k != "_class_name"})
+    pipe = TutorialLatentPipeline(vae=vae, unet=unet, scheduler=TutorialDDIMScheduler())
+    pipe.save_pretrained(folder / "pipe")
+    return pipe, str(folder / "pipe")
+
+
+def test_cli_scores_a_latent_folder_on_its_decoded_samples(tmp_path):
+    pipe, folder = _save_tiny_latent_pipeline(tmp_path)
+    metrics = evaluate.main([folder, "--num_inference_steps", "3", "--num_samples", "12", "--seed", "4"])
+    decoded = sample_sharded(pipe.unet.eval(), pipe.scheduler, 12, 3, seed=4, vae=pipe.vae.eval())
+    assert decoded.shape == (12, 1, 8, 8)  # pixels, not the 2 x 4x4 latents
+    assert metrics["frechet_distance"] == pytest.approx(digits_metrics(decoded)["frechet_distance"], rel=1e-6)
+    assert metrics["num_samples"] == 12 and metrics["scheduler"] == "TutorialDDIMScheduler"
+
+
+def test_cli_refuses_a_latent_folder_whose_vae_is_not_one_channel_or_likelihoods(tmp_path, cli_error):
+    _, rgb = _save_tiny_latent_pipeline(tmp_path / "rgb", out_channels=3)
+    line = cli_error([rgb, "--num_samples", "4", "--num_inference_steps", "1"])
+    assert "VAE decodes to out_channels=3" in line and "1-channel" in line and rgb in line
+    _, gray = _save_tiny_latent_pipeline(tmp_path / "gray")
+    line = cli_error([gray, "--num_samples", "4", "--likelihood_samples", "2"])
+    assert "--likelihood_samples=2" in line and "TutorialLatentPipeline" in line
