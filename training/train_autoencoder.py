@@ -238,8 +238,9 @@ class AutoencoderObjective(story.DiffusionObjective):
 
     # -- what the run leaves ----------------------------------------------------------------------------------------
     def latent_scale(self, run, vae) -> Dict:
-        """Encode up to `--scaling_samples` training images (whole batches of epoch 0's order, every process its
-        share) and measure their latents; returns `combine_statistics` and the images kept for an off-digits PSNR."""
+        """Encode up to `--scaling_samples` training images (whole batches in epoch 0's order, or a stream's next
+        ones; every process its share) and measure their latents; returns `combine_statistics` with the number of
+        images, and the images kept for an off-digits PSNR."""
         settings, accelerator = run.settings, run.accelerator
         global_batch = settings.train_batch_size * accelerator.num_processes
         num_batches = max(1, settings.scaling_samples // global_batch)
@@ -257,7 +258,9 @@ class AutoencoderObjective(story.DiffusionObjective):
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="sum")
         stats = combine_statistics(sums)
-        stats["num_images_encoded"] = num_batches * global_batch
+        config = vae.config
+        per_image = config.latent_channels * (settings.resolution // settings.downsample_factor) ** 2
+        stats["num_images_encoded"] = stats["num_latent_values"] // per_image
         return stats, torch.cat(kept)[:MAX_PSNR_TRAIN_IMAGES]
 
     def card_text(self, final: Dict) -> str:

@@ -126,6 +126,24 @@ def test_the_folder_is_an_autoencoder_with_scaling_factor_one_over_the_measured_
     assert res["latent_shape"] == [2, 4, 4, 4] and res["decoded_shape"] == [2, 1, 8, 8]
 
 
+def test_off_the_digits_the_psnr_is_that_of_the_encoded_training_images(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):  # 8x8 RGB images
+        pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(data / f"{i:02d}.png")
+    argv = ae_args(tmp_path / "run", "--train_data_dir", data, "--scaling_samples", 16)
+    argv[argv.index("--max_train_samples") : argv.index("--max_train_samples") + 2] = []
+    metrics = ta.main(argv)
+    assert metrics["num_images_encoded"] == 16  # two whole batches of 8
+    assert metrics["psnr_split"] == "16 training images (no held-out split off the digits)"
+    vae = AutoencoderKL.from_pretrained(tmp_path / "run")
+    assert vae.config.in_channels == 3 and vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+
+
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     extra = ["--seed", 3, "--random_flip", "--reconstruction_loss", "l2", "--kl_weight", 1e-3]
     full = ta.main(ae_args(tmp_path / "full", *extra))
