@@ -19,7 +19,8 @@ What a run leaves in `--output_dir`: the `AutoencoderKL` itself at the root (con
 weights, the EMA weights when `--use_ema`), so that `AutoencoderKL.from_pretrained(output_dir)` and
 `train_unconditional.py --vae output_dir` (which also takes a pipeline folder with the VAE in `vae/`) read it;
 `metrics.json`, a model card (README.md) that names the command, and `grids/final.png` (held-out images above their
-reconstructions). Two measurements end the run:
+reconstructions); `--push_to_hub` uploads the model, its card, the final metrics and the grid. Two measurements end
+the run:
 
 - `scaling_factor`: the training images (up to `--scaling_samples`) are encoded, a posterior sample z = μ + σ ε
   drawn for each (what a latent diffusion model is trained on), and the standard deviation of all their values
@@ -32,10 +33,13 @@ reconstructions). Two measurements end the run:
 
 import argparse
 import itertools
+import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Dict, List, Optional
 
 import torch
@@ -63,6 +67,8 @@ logger = logging.getLogger("train_unconditional")
 
 DESCRIPTION = "Train a KL autoencoder (diffusers' AutoencoderKL) for latent diffusion; measure its scaling_factor."
 NEVER = 10**9  # --save_images_epochs / --save_model_epochs: the story's per-epoch hooks sample a UNet; not here
+# What --push_to_hub uploads: the model, its card and numbers (not checkpoints, logs or the loss record).
+UPLOADED = ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "metrics.json", "grids/final.png")
 MAX_PSNR_TRAIN_IMAGES = 512  # off the digits: the PSNR is measured on at most this many encoded training images
 
 # A resume with any of these changed is refused (besides the training script's own run-defining flags).
@@ -162,11 +168,6 @@ def check_autoencoder_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--conditioning={args.conditioning!r} does not apply to the autoencoder; leave it 'none'.")
     if args.noise_offset:
         raise ValueError(f"--noise_offset={args.noise_offset!r} does not apply to the autoencoder; leave it 0.")
-    if args.push_to_hub:
-        raise ValueError(
-            "--push_to_hub is not supported by train_autoencoder.py yet: upload the output folder with "
-            "`huggingface-cli upload`."
-        )
     for name in ("latent_channels", "layers_per_block", "norm_num_groups", "scaling_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)!r} must be >= 1.")
@@ -361,7 +362,33 @@ class AutoencoderObjective(story.DiffusionObjective):
         export.save_pretrained(settings.output_dir)
         with open(os.path.join(settings.output_dir, "README.md"), "w") as f:
             f.write(self.card_text(final) + "\n")
+        if settings.push_to_hub:
+            logger.info("pushing the autoencoder folder to the Hub")
+            push_autoencoder(settings, final)
         return final
+
+
+def push_autoencoder(settings: Settings, final: Dict) -> str:
+    """Upload `UPLOADED` of the output folder to `--hub_model_id` (default: the folder's name); returns the repo id.
+
+    `metrics.json` is written by the story after `finish`: the uploaded copy holds the final metrics alone.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=settings.hub_token)
+    repo_id = settings.hub_model_id or os.path.basename(os.path.normpath(settings.output_dir))
+    repo_id = api.create_repo(repo_id, private=settings.hub_private_repo or None, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as staging:
+        for name in UPLOADED:
+            source = os.path.join(settings.output_dir, name)
+            if name == "metrics.json":
+                with open(os.path.join(staging, name), "w") as f:
+                    json.dump({"final": final}, f, indent=2)
+            elif os.path.exists(source):
+                os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+                shutil.copyfile(source, os.path.join(staging, name))
+        api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message="Upload AutoencoderKL")
+    return repo_id
 
 
 def main(argv: Optional[List[str]] = None, should_stop=lambda step: False) -> Dict:

@@ -3,11 +3,14 @@ held-out PSNR, exact resume, flags checked at the door, SIGTERM; and the shipped
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -185,7 +188,6 @@ def test_flags_of_the_autoencoder_are_checked_at_the_door(capsys):
         (["--num_class_embeds", "10"], "--num_class_embeds=10 does not apply to the autoencoder"),
         (["--vae", "x"], "--vae='x' does not apply to the autoencoder"),
         (["--conditioning", "super_resolution"], "--conditioning='super_resolution' does not apply"),
-        (["--push_to_hub"], "--push_to_hub is not supported by train_autoencoder.py yet"),
     ):
         with pytest.raises(SystemExit):
             ta.parse_autoencoder_args(bad)
@@ -224,3 +226,32 @@ def test_shipped_digits_vae_loads_with_diffusers_alone_and_its_numbers_hold(tmp_
     assert held_out_psnr(vae, 32) == pytest.approx(final["psnr"], abs=0.01)
     assert not list(SHIPPED.glob("*.py"))  # a model folder: no code to generate (`make shipped` has nothing here)
     assert "accelerate launch training/train_autoencoder.py" in (SHIPPED / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_model_its_card_and_numbers(tmp_path, monkeypatch):
+    # huggingface_hub's HfApi patched at its boundary (as in test_push_to_hub.py): nothing leaves the machine.
+    hub, calls = tmp_path / "hub", []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        calls.append(("create_repo", repo_id, private, self.token))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        calls.append(("upload_folder", repo_id))
+        shutil.copytree(folder_path, hub / repo_id)
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    hub_flags = ["--push_to_hub", "--hub_model_id", "me/tiny-vae", "--hub_token", "hf_fake", "--hub_private_repo"]
+    metrics = ta.main(ae_args(tmp_path / "run", *hub_flags))
+
+    assert calls == [("create_repo", "me/tiny-vae", True, "hf_fake"), ("upload_folder", "me/tiny-vae")]
+    repo = hub / "me" / "tiny-vae"
+    files = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+    assert files == set(ta.UPLOADED)
+    vae = AutoencoderKL.from_pretrained(repo)
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    with open(repo / "metrics.json") as f:
+        assert json.load(f)["final"]["psnr"] == pytest.approx(metrics["psnr"])
+    assert "accelerate launch training/train_autoencoder.py" in (repo / "README.md").read_text()
