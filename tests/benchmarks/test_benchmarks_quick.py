@@ -120,8 +120,9 @@ def test_bench_data_quick(tmp_path):
 def test_bench_distill_quick():
     stdout = _run("bench_distill.py", "--quick")
     assert "ours DPM-Solver++ (defaults)" in stdout and "diffusers UniPC" in stdout
-    assert stdout.count("progressive: the ") == 3 and stdout.count("consistency: final student") == 3  # 1, 2, 4 steps
-    assert stdout.count(" step(s): FD ") == 9
+    # table rows (the verdict lines below the table name the same students again)
+    assert stdout.count("| progressive: the ") == 3 and stdout.count("| consistency: final student") == 3  # 1, 2, 4
+    assert stdout.count(" step(s): FD ") == 9 and "PF-ODE, Dormand-Prince (the reference)" in stdout
 
 
 def test_bench_inverse_quick(tmp_path):
