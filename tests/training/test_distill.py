@@ -78,6 +78,11 @@ def test_resume_repeats_the_uninterrupted_distillation_exactly(tmp_path, tiny_te
     assert first["interrupted"] is True and first["global_step"] == 4
     frozen = "teacher.safetensors" if method == "progressive" else "target.safetensors"
     assert os.path.exists(tmp_path / "cut" / "checkpoint-4" / frozen)
+    with open(tmp_path / "cut" / "checkpoint-4" / "training_state.json") as f:
+        # one number is recorded as an int, as before per-round budgets, so such checkpoints still resume
+        assert json.load(f)["flags"]["steps_per_round"] == (
+            "2,4" if "2,4" in extra else 300 if method != "progressive" else 3
+        )
     second = distill.main(
         distill_args(tiny_teacher, tmp_path / "cut", method, *extra, "--resume_from_checkpoint", "latest")
     )
