@@ -134,3 +134,14 @@ def test_bench_inverse_quick(tmp_path):
     assert "SR3 digits-sr3 (DDIM-2, noise_level 0)" in report["digits"]["sr"]["rows"]
     assert set(report["timing"]["rows"]) == {"ddnm", "ddrm", "dps", "pigdm", "RePaint", "SR3 (x4 SR, not inpainting)"}
     assert "DDNM's noiseless consistency" in stdout and "exact-in-the-limit rows that converge" in stdout
+
+
+def test_bench_latent_quick(tmp_path):
+    out = tmp_path / "latent.json"
+    stdout = _run("bench_latent.py", "--quick", "--output", str(out), "--work_dir", str(tmp_path / "runs"))
+    report = json.loads(out.read_text())
+    assert report["autoencoder"]["psnr_db"] > 40  # the shipped digits-vae: 42.2 dB on the held-out digits
+    assert set(report["runs"]) == {"latent", "pixel"}
+    for run in report["runs"].values():
+        assert run["updates"] >= 1 and run["fd"] > 0 and run["sampling_ms_per_image"] > 0
+    assert "FD latent / pixel = " in stdout and "sampling speed-up latent = " in stdout
