@@ -33,7 +33,7 @@ def recording_loss(model, noise_scheduler, batch, *args, **kwargs):
     return real_loss(model, noise_scheduler, batch, *args, **kwargs)
 
 
-def dumping_save_pipeline(accelerator, model, ema, args, samples, card_text):
+def dumping_save_pipeline(accelerator, model, ema, args, samples, card_text, vae=None):
     unet = accelerator.unwrap_model(model)
     with tu.ema_weights(unet, ema):
         sharded = tu.validation_samples(accelerator, unet, args, 10)  # every rank takes part
