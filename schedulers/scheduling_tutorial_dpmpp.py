@@ -59,7 +59,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .tutorial_continuous import TutorialContinuousScheduler
-from .tutorial_grids import timestep_at
+from .tutorial_grids import karras_half_log_snrs, timestep_at
 from .tutorial_math import alpha_bar_from_log_snr, check_choice, dynamic_threshold
 
 # `tune_timesteps`, first defined here, lives in the leaf `tutorial_ode.py`; it keeps its old import path.
@@ -150,7 +150,7 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         if auto:
             lowest, highest = float(self.half_log_snr[-1]), float(self.half_log_snr[0])
             if interior and n < CORRECTED_STEPS:
-                half_log_snr = _karras(n + 2, lowest, highest, AUTO_FEW_RHO)
+                half_log_snr = karras_half_log_snrs(n + 2, lowest, highest, AUTO_FEW_RHO)
             elif interior:
                 half_log_snr = _with_first_jump(n + 2, lowest, highest, AUTO_MID_START, AUTO_MID_RHO)
             else:
@@ -258,15 +258,6 @@ class TutorialDPMSolverPlusPlusScheduler(TutorialContinuousScheduler, SchedulerM
         return out
 
 
-def _karras(num_points: int, lowest: float, highest: float, rho: float) -> torch.Tensor:
-    """λ of Karras et al. 2022's eq. (5) grid from `lowest` to `highest` (σ̄ = e^{-λ}), exact end points."""
-    u = torch.linspace(0, 1, num_points, dtype=torch.float64)
-    s_max, s_min = math.exp(-lowest / rho), math.exp(-highest / rho)
-    half_log_snr = -rho * torch.log(s_max + u * (s_min - s_max))
-    half_log_snr[0], half_log_snr[-1] = lowest, highest
-    return half_log_snr
-
-
 def _with_first_jump(num_points: int, lowest: float, highest: float, start: float, rho: Optional[float]):
     """`num_points` λ values: `lowest`, then from `start` (when above `lowest`) to `highest` by Karras' ρ (None:
     uniform in λ). The first step crosses the near-pure-noise stretch [lowest, start] in one (module docstring)."""
@@ -278,7 +269,7 @@ def _with_first_jump(num_points: int, lowest: float, highest: float, start: floa
         rest = start + torch.linspace(0, 1, num_rest, dtype=torch.float64) * (highest - start)
         rest[-1] = highest
     else:
-        rest = _karras(num_rest, start, highest, rho)
+        rest = karras_half_log_snrs(num_rest, start, highest, rho)
     if num_rest == num_points:
         return rest
     return torch.cat([torch.tensor([lowest], dtype=torch.float64), rest])

@@ -141,6 +141,16 @@ def alpha_bar_at(t, alpha_bar_table: torch.Tensor) -> torch.Tensor:
     return alpha_bar_from_log_snr(2 * half_log_snr_at(t, half_log_snr(table)))
 
 
+def karras_half_log_snrs(num_points: int, lowest: float, highest: float, rho: float) -> torch.Tensor:
+    """λ of Karras et al. 2022's eq. (5) grid from `lowest` to `highest`, `num_points` of them, exact end points:
+    σ̄_i = (σ̄_max^{1/ρ} + i/(N-1) (σ̄_min^{1/ρ} - σ̄_max^{1/ρ}))^ρ with σ̄ = e^{-λ}."""
+    u = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    s_max, s_min = math.exp(-lowest / rho), math.exp(-highest / rho)
+    half_log_snr = -rho * torch.log(s_max + u * (s_min - s_max))
+    half_log_snr[0], half_log_snr[-1] = lowest, highest  # exact endpoints, free of rounding
+    return half_log_snr
+
+
 def placement_half_log_snrs(
     num_points: int, half_log_snr_table: torch.Tensor, step_placement: str = "logsnr", rho: float = 7.0
 ) -> torch.Tensor:
@@ -161,11 +171,7 @@ def placement_half_log_snrs(
     if step_placement in ("logsnr", "auto"):
         return half_log_snr_min + u * (half_log_snr_max - half_log_snr_min)
     if step_placement == "karras":
-        # Karras eq. (5): σ̄_i = (σ̄_max^{1/ρ} + i/(N-1) (σ̄_min^{1/ρ} - σ̄_max^{1/ρ}))^ρ with σ̄ = e^{-λ}.
-        s_max, s_min = math.exp(-half_log_snr_min / rho), math.exp(-half_log_snr_max / rho)
-        half_log_snr = -rho * torch.log(s_max + u * (s_min - s_max))
-        half_log_snr[0], half_log_snr[-1] = half_log_snr_min, half_log_snr_max  # exact endpoints, free of rounding
-        return half_log_snr
+        return karras_half_log_snrs(num_points, half_log_snr_min, half_log_snr_max, rho)
     t = (half_log_snr_table.numel() - 1) * (1 - u)  # time_uniform
     return half_log_snr_at(t, half_log_snr_table)
 
