@@ -35,7 +35,8 @@ times the cost of a training step, and inherits the teacher's errors in q(x_t).
 What a run leaves: the usual pipeline folder (`TutorialUnconditionalPipeline` with a `TutorialDistilledScheduler`
 whose config records the method and the step counts it was distilled for), so `pipe(num_inference_steps=1)` (or 2, 4)
 needs no other argument; with `--method progressive` also `students/<N>-step/`, the student of each round. The model
-card names the teacher and the method.
+card names the teacher and the method (and, progressive, the folders of the earlier rounds' students). `--push_to_hub`
+uploads the folder and, progressive, every `students/<N>-step/` with it, in one commit: only what the saves wrote.
 """
 
 import argparse
@@ -44,7 +45,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Dict, List, Optional
 
 import torch
@@ -368,6 +371,11 @@ class DistillationObjective(story.DiffusionObjective):
         """N, the student's step count in round `round_index`: `start_steps` / 2^(round + 1)."""
         return self.settings.start_steps >> (round_index + 1)
 
+    def student_folders(self) -> List[str]:
+        """`students/<N>-step/` of every round but the last (whose student is the run's own folder), relative to
+        `--output_dir` with `/` separators (the paths they get in a Hub repository): the folders the run saves."""
+        return [f"{STUDENTS}/{self.student_steps(r)}-step/" for r in range(self.settings.rounds - 1)]
+
     def progressive_loss(self, run, batch: Dict, g) -> torch.Tensor:
         """Salimans & Ho, Algorithm 2: one student step t -> t'' regresses onto two teacher DDIM steps t -> t' -> t''."""
         settings, x0 = self.settings, batch["images"]
@@ -445,7 +453,7 @@ class DistillationObjective(story.DiffusionObjective):
         with ema_weights(run.unwrapped, run.ema):
             self.frozen.load_state_dict(run.unwrapped.state_dict())
         if run.accelerator.is_main_process:
-            folder = os.path.join(settings.output_dir, STUDENTS, f"{n}-step")
+            folder = os.path.join(settings.output_dir, STUDENTS, f"{n}-step")  # one of `student_folders()`
             self.save_folder(self.frozen, folder, [n], None, self.card_text([n], {}, round_steps=n))
         logger.info("progressive round %d done: a %d-step student (saved to %s/%d-step)", r + 1, n, STUDENTS, n)
         # The next round starts from this student.
@@ -481,8 +489,7 @@ class DistillationObjective(story.DiffusionObjective):
         s = self.settings
         method = (
             f"progressive distillation (Salimans & Ho 2022, arXiv:2202.00512): {s.start_steps} teacher DDIM steps "
-            f"halved in {s.rounds} round(s) of {s.steps_per_round} updates down to {s.final_steps}; the student of "
-            f"each earlier round, in `{STUDENTS}/<N>-step/`, samples N steps"
+            f"halved in {s.rounds} round(s) of {s.steps_per_round} updates down to {s.final_steps}"
             if s.method == "progressive"
             else f"consistency distillation (Song et al. 2023, arXiv:2303.01469): teacher "
             f"{'DDIM' if s.teacher_solver == 'ddim' else 'DPM-Solver++(2S)'} step across {s.skip_steps} timesteps, EMA target μ = {s.target_ema_decay:g}, {s.loss_type} loss, "
@@ -498,7 +505,14 @@ class DistillationObjective(story.DiffusionObjective):
         ]
         if round_steps is not None:
             lines.append(
-                f"- this folder: the student of the round that distilled {2 * round_steps} steps into {round_steps}"
+                f"- this folder: the student of the round that distilled {2 * round_steps} steps into {round_steps}; "
+                f"the run's folder holds the final student and, in `{STUDENTS}/<N>-step/`, each earlier round's"
+            )
+        elif s.method == "progressive" and s.rounds > 1:
+            lines.append(
+                "- for N steps, sample the N-step student of an earlier round, a pipeline folder of its own (this "
+                "folder's student is worse at N steps); `--push_to_hub` uploads them with this folder: "
+                + ", ".join(f"`{folder}`" for folder in self.student_folders())
             )
         lines += ["", "```bash", "accelerate launch training/distill.py " + " ".join(self.argv), "```"]
         if metrics:
@@ -538,10 +552,65 @@ class DistillationObjective(story.DiffusionObjective):
                     )
                 card = self.card_text(steps, final)
                 pipe = self.save_folder(unet, settings.output_dir, steps, samples, card)
-                if settings.push_to_hub:
+                students = self.student_folders() if settings.method == "progressive" else []
+                if settings.push_to_hub and students:  # the folders the card points at go up with the folder
+                    logger.info("pushing the pipeline folder and %s to the Hub", ", ".join(students))
+                    push_with_students(pipe, settings, samples, card, students)
+                elif settings.push_to_hub:
                     logger.info("pushing the pipeline folder to the Hub")
                     push(pipe, settings, samples, card)
         return final
+
+
+def push_with_students(pipe, settings: Settings, samples, card: str, students: List[str]):
+    """Upload the final folder and the `students` folders (`students/<N>-step/`) the run saved, in one commit.
+
+    The final folder is saved anew in a staging folder, with the repository named in its card, as `export.push` does.
+    Of each student folder only what its save wrote travels (`saved_entries`: `model_index.json`, the card, the code
+    files and the folders of the components and samples, which a save replaces whole): never a file of the user's
+    there, nor anything else of `--output_dir` (checkpoints, logs, grids, the loss record, a run set aside).
+
+    Returns:
+        The `CommitInfo` of `HfApi.upload_folder`.
+
+    Raises:
+        `TrainingError`: a student folder holds no save (the card would point at a missing folder); nothing is uploaded.
+    """
+    import huggingface_hub
+
+    from custom_pipelines.tutorial_pipeline_folder import MODEL_INDEX, saved_entries
+
+    repo_id = settings.hub_model_id or os.path.basename(os.path.normpath(settings.output_dir))
+    with tempfile.TemporaryDirectory() as staging:
+        pipe.save_pretrained(
+            staging,
+            num_inference_steps=settings.ddpm_num_inference_steps,
+            sample_images=None if samples is None else [make_grid_image(samples, settings)],
+            model_card_text=card,
+            repo_id=repo_id,
+        )
+        for student in students:
+            source = os.path.join(settings.output_dir, *student.strip("/").split("/"))
+            entries = saved_entries(source)
+            if MODEL_INDEX not in entries:
+                raise TrainingError(
+                    f"{source} holds no saved pipeline (no model_index.json), yet the model card points at "
+                    f"{student}: nothing was uploaded. The final folder is saved in {settings.output_dir}."
+                )
+            target = os.path.join(staging, *student.strip("/").split("/"))
+            os.makedirs(target)
+            for name in entries:
+                if os.path.isdir(os.path.join(source, name)):
+                    shutil.copytree(os.path.join(source, name), os.path.join(target, name))
+                else:
+                    shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+        api = huggingface_hub.HfApi(token=settings.hub_token)
+        repo_id = api.create_repo(repo_id, private=settings.hub_private_repo or None, exist_ok=True).repo_id
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=staging,
+            commit_message=f"Upload {type(pipe).__name__} and its students ({', '.join(students)})",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

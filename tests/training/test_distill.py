@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from custom_pipelines import TutorialUnconditionalPipeline
+from custom_pipelines.tutorial_pipeline_folder import saved_entries
 from schedulers import TutorialDDIMScheduler, TutorialDistilledScheduler
 from training import distill
 from training import train_unconditional as tu
@@ -204,3 +206,79 @@ def test_push_to_hub_uploads_the_distilled_folder(tmp_path, tiny_teacher, monkey
     assert pipe.scheduler.config.distillation == "consistency" and pipe.scheduler.config.distilled_steps == [1, 2, 4]
     images = pipe(batch_size=2, num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def _files(folder) -> set:
+    return {
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/") for d, _, fs in os.walk(folder) for f in fs
+    }
+
+
+def test_progressive_push_uploads_the_students_the_card_names_and_nothing_else(tmp_path, tiny_teacher, monkeypatch):
+    # A simulated Hub that, like huggingface_hub, uploads only the files allow_patterns / ignore_patterns let through.
+    hub, calls = tmp_path / "hub", []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        calls.append(("create_repo", repo_id, private, self.token))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        calls.append(("upload_folder", repo_id))
+        kept = huggingface_hub.utils.filter_repo_objects(
+            sorted(_files(folder_path)), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        )
+        for name in kept:
+            os.makedirs(os.path.dirname(hub / repo_id / name), exist_ok=True)
+            shutil.copyfile(os.path.join(folder_path, name), hub / repo_id / name)
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    strays = ["my_notes.txt", "students/my_notes.txt", "students/4-step/my_notes.txt"]
+
+    def user_files(step):  # should_stop as a hook: round 1's student is saved at update 2, then the user adds files
+        if step == 2:
+            for name in strays:
+                (out / name).write_text("the user's own file")
+        return False
+
+    # 3 rounds of 2 updates, 8 -> 4 -> 2 -> 1 steps: students/4-step/ and students/2-step/ beside the 1-step folder.
+    hub_flags = ["--push_to_hub", "--hub_model_id", "me/tiny-pd", "--hub_token", "hf_fake", "--hub_private_repo"]
+    argv = distill_args(tiny_teacher, out, "progressive", "--start_steps", 8, "--steps_per_round", 2)
+    distill.main([*argv, "--checkpointing_steps", "2", "--sample_steps", "1", *hub_flags], should_stop=user_files)
+
+    assert calls == [("create_repo", "me/tiny-pd", True, "hf_fake"), ("upload_folder", "me/tiny-pd")]  # one commit
+    repo = hub / "me" / "tiny-pd"
+    uploaded = _files(repo)
+    # What the run's saves wrote (each save's entries, read from its model_index.json): the 1-step folder and every
+    # students/<N>-step/ folder. All of it is uploaded, and nothing else: not the checkpoints, logs, grids, loss
+    # record or metrics, nor the files the user put beside and inside the saves.
+    students = sorted(f"students/{p.name}/" for p in (out / "students").iterdir() if (p / "model_index.json").exists())
+    assert students == ["students/2-step/", "students/4-step/"]
+    assert tu.list_checkpoints(out) and all(os.path.exists(out / name) for name in strays)
+    saved = {"": saved_entries(out)} | {folder: saved_entries(out / folder) for folder in students}
+    wrote = {
+        folder + e + ("/" + f if f != "." else "")
+        for folder, entries in saved.items()
+        for e in entries
+        for f in (_files(out / folder / e) if (out / folder / e).is_dir() else ["."])
+    }
+    assert uploaded == wrote, sorted(uploaded ^ wrote)
+    assert not any(f.startswith(("checkpoint-", "logs", "grids", "losses", "metrics")) for f in uploaded)
+    assert not set(strays) & uploaded
+    # The card names those folders (not a pattern), and each link resolves to the uploaded student of that count.
+    card = (repo / "README.md").read_text()
+    assert sorted(set(re.findall(r"students/[^`\s)]*", card))) == students
+    for link in students:
+        n = int(link.split("/")[1].split("-")[0])
+        assert {
+            link + f for f in ("model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors")
+        } <= uploaded
+        with open(repo / link / "scheduler" / "scheduler_config.json") as f:
+            assert json.load(f)["distilled_steps"] == [n]
+        assert f"distilled {2 * n} steps into {n}" in (repo / link / "README.md").read_text()
+    # The 2-step student loads from the repository's folder and samples its 2 steps.
+    pipe = TutorialUnconditionalPipeline.from_pretrained(str(repo / "students" / "2-step"))
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 1, 8, 8) and torch.isfinite(images).all()
