@@ -125,6 +125,22 @@ class TutorialLatentPipeline(TutorialPipelineBase):
         """x = D(z̃ / s + b), in [-1, 1] (not clamped)."""
         return self.vae.decode(unscale_latents(latents, self.vae.config).to(self.vae.dtype)).sample
 
+    @staticmethod
+    def check_decoded(images: torch.Tensor, latents: torch.Tensor, num_steps: int) -> None:
+        """Raise `FloatingPointError` when the decoded images hold a NaN or ±inf (the loop checked only the latents).
+
+        Postprocessing would hide it: the clamp to [0, 1] makes +inf a white pixel and a NaN becomes 0 in a PIL image.
+        One host read per call, after the decoder (none per step); the culprit is looked up only on the error path.
+        """
+        if bool((~torch.isfinite(images)).any()):
+            culprit = (
+                "the VAE's decoder" if bool(torch.isfinite(latents).all()) else "the latents given to the decoder"
+            )
+            raise FloatingPointError(
+                f"Non-finite value (NaN or inf) in the images decoded after step {num_steps - 1} of {num_steps}; it "
+                f"first appeared in {culprit} (a float16 VAE can overflow: decode in float32)."
+            )
+
     def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The last ⌊sN⌋ steps of `scheduler.timesteps` (as `TutorialImg2ImgPipeline.get_timesteps`)."""
         run = min(int(num_inference_steps * strength), num_inference_steps)
@@ -214,8 +230,13 @@ class TutorialLatentPipeline(TutorialPipelineBase):
                 i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
             )
 
-        # 4. z̃_0 -> x = D(z̃_0 / s + b) ∈ [-1, 1] -> images.
-        images = latents if output_type == "latent" else self.postprocess(self.decode_latents(latents), output_type)
+        # 4. z̃_0 -> x = D(z̃_0 / s + b) ∈ [-1, 1] -> images; a NaN/inf from the decoder raises (`check_decoded`).
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.decode_latents(latents)
+            self.check_decoded(decoded, latents, len(timesteps))
+            images = self.postprocess(decoded, output_type)
         self.maybe_free_model_hooks()
         return self.pipeline_output(images, trajectory, pred_x0s, timesteps, return_trajectory, return_dict)
 

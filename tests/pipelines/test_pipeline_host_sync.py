@@ -15,6 +15,7 @@ from custom_pipelines import (
     TutorialClassConditionalPipeline,
     TutorialDDIMInversionPipeline,
     TutorialImg2ImgPipeline,
+    TutorialLatentPipeline,
     TutorialRePaintPipeline,
     TutorialUnconditionalPipeline,
     sample_loop,
@@ -144,3 +145,45 @@ def test_score_sde_loops_read_nothing_per_step_in_every_config(host_reads, unet_
 
     _assert_unconditional_loop_reads_nothing_per_step(host_reads, unet_factory, make_scheduler)
     _assert_device_timesteps_loop_reads_nothing(host_reads, unet_factory, make_scheduler)
+
+
+# The latent pipeline (issue #25): its loop, and once per call the decoded images' NaN/inf check (`check_decoded`, a
+# second read after the loop's deferred one; none with output_type="latent", which does not decode). SDEdit with our
+# continuous schedulers is left out: their `add_noise` reads its timesteps on the host, once, before the loop.
+LATENT_CONFIGS = [
+    pytest.param(DDIMScheduler, {}, {}, id="diffusers-DDIM"),
+    pytest.param(TutorialDDIMScheduler, {"output_type": "latent"}, {}, id="output_type=latent"),
+    pytest.param(TutorialDDIMScheduler, {"image": torch.rand(2, 1, 8, 8), "strength": 0.75}, {}, id="sdedit"),
+    pytest.param(DDIMScheduler, {"image": torch.rand(2, 1, 8, 8), "strength": 0.75}, {}, id="sdedit-diffusers-DDIM"),
+]
+
+
+def _assert_latent_loop_reads_nothing_per_step(
+    host_reads, vae_factory, unet_factory, make_scheduler, call_kwargs=None, vae_config=None
+):
+    call_kwargs = {"batch_size": 2, "output_type": "pt", **(call_kwargs or {})}
+    vae = vae_factory(**(vae_config or {})).to(META)  # 1 x 8x8 images <-> 2 x 4x4 latents
+    unet = unet_factory(sample_size=4, in_channels=2).to(META)
+    counts = []
+    for steps in (2, 4):  # SDEdit at strength 0.75: 1 and 3 steps (a UNet call on `meta` takes ~80 ms)
+        host_reads.clear()
+        pipe = TutorialLatentPipeline(vae=vae, unet=unet, scheduler=make_scheduler())
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(num_inference_steps=steps, **call_kwargs)
+        assert out.images.device == META
+        counts.append(len(host_reads))
+    once = 1 if call_kwargs["output_type"] == "latent" else 2
+    assert counts[0] == counts[1] <= once, f"host reads for 2 and 4 steps: {counts}"
+
+
+def test_the_latent_loop_reads_nothing_per_step(host_reads, vae_factory, unet_factory, our_scheduler_cls):
+    _assert_latent_loop_reads_nothing_per_step(host_reads, vae_factory, unet_factory, our_scheduler_cls)
+
+
+@pytest.mark.parametrize("scheduler_cls, call_kwargs, vae_config", LATENT_CONFIGS)
+def test_the_latent_loop_reads_nothing_per_step_in_other_configs(
+    host_reads, vae_factory, unet_factory, scheduler_cls, call_kwargs, vae_config
+):
+    _assert_latent_loop_reads_nothing_per_step(
+        host_reads, vae_factory, unet_factory, scheduler_cls, call_kwargs, vae_config
+    )

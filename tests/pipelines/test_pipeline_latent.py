@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from custom_pipelines import TutorialLatentPipeline
 from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
@@ -16,28 +16,10 @@ from schedulers import TutorialDDIMScheduler, TutorialDDPMScheduler
 SEED, STEPS = 3, 4
 
 
-def make_vae(scaling_factor: float = 0.5, shift_factor=None, latent_channels: int = 2, seed: int = 0) -> AutoencoderKL:
-    """A tiny random AutoencoderKL: 1-channel 8x8 images <-> `latent_channels` x 4x4 latents (two blocks: f = 2)."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=8,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    ).eval()
-
-
 @pytest.fixture
-def pipe(unet_factory):
+def pipe(unet_factory, vae_factory):
     p = TutorialLatentPipeline(
-        vae=make_vae(), unet=unet_factory(sample_size=4, in_channels=2, seed=1), scheduler=TutorialDDIMScheduler()
+        vae=vae_factory(), unet=unet_factory(sample_size=4, in_channels=2, seed=1), scheduler=TutorialDDIMScheduler()
     )
     p.set_progress_bar_config(disable=True)
     return p
@@ -62,11 +44,11 @@ def _call(p, **kwargs):
         (dict(sample_size=4, in_channels=2, out_channels=3), r"out_channels=3 \(expected 2 or 4\)"),
     ],
 )
-def test_a_unet_that_does_not_fit_the_latents_is_refused_naming_both(unet_factory, unet_config, match):
+def test_a_unet_that_does_not_fit_the_latents_is_refused_naming_both(unet_factory, vae_factory, unet_config, match):
     with pytest.raises(
         ValueError, match=match + r".*latent_channels=2, sample_size=8, 2 down blocks: downsampling x2"
     ):
-        TutorialLatentPipeline(vae=make_vae(), unet=unet_factory(**unet_config), scheduler=DDIMScheduler())
+        TutorialLatentPipeline(vae=vae_factory(), unet=unet_factory(**unet_config), scheduler=DDIMScheduler())
 
 
 @pytest.mark.parametrize(
@@ -92,8 +74,10 @@ def test_bad_arguments_are_refused_before_anything_runs(pipe, kwargs, match):
 
 # ---- decoding undoes the scaling ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scaling_factor, shift_factor", [(0.5, None), (0.18215, None), (2.5, 0.3)])
-def test_decoding_divides_the_latents_by_the_scaling_factor(unet_factory, monkeypatch, scaling_factor, shift_factor):
-    vae = make_vae(scaling_factor, shift_factor)
+def test_decoding_divides_the_latents_by_the_scaling_factor(
+    unet_factory, vae_factory, monkeypatch, scaling_factor, shift_factor
+):
+    vae = vae_factory(scaling_factor, shift_factor)
     p = TutorialLatentPipeline(
         vae=vae, unet=unet_factory(sample_size=4, in_channels=2, seed=1), scheduler=TutorialDDIMScheduler()
     )
@@ -239,9 +223,9 @@ def test_push_to_hub_uploads_the_folder_that_loads_back(pipe, tmp_path, monkeypa
     torch.testing.assert_close(_call(loaded, output_type="pt").images, _call(pipe, output_type="pt").images)
 
 
-def test_our_ddpm_scheduler_round_trips_through_the_folder(unet_factory, tmp_path):
+def test_our_ddpm_scheduler_round_trips_through_the_folder(unet_factory, vae_factory, tmp_path):
     p = TutorialLatentPipeline(
-        vae=make_vae(), unet=unet_factory(sample_size=4, in_channels=2), scheduler=TutorialDDPMScheduler()
+        vae=vae_factory(), unet=unet_factory(sample_size=4, in_channels=2), scheduler=TutorialDDPMScheduler()
     )
     p.save_pretrained(tmp_path / "f")
     loaded = TutorialLatentPipeline.from_pretrained(tmp_path / "f")
