@@ -30,10 +30,11 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from .tutorial_discrete_base import TutorialDiscreteScheduler
-from .tutorial_grids import TIMESTEP_SPACINGS  # noqa: F401  (shipped with this file: the base builds the grid with it)
+from .tutorial_grids import TIMESTEP_SPACINGS, validate_custom_timesteps  # noqa: F401  (TIMESTEP_SPACINGS: see below)
 from .tutorial_math import check_choice, check_int, model_output_to_x0_eps
 from .tutorial_scheduler_common import TutorialSchedulerOutput
 
+# TIMESTEP_SPACINGS is imported for the shipped copy of this file: the base builds the grid with it.
 DISTILLATIONS = ("progressive", "consistency")  # which sampler `step` runs; one per distillation method
 
 
@@ -54,6 +55,10 @@ class TutorialDistilledScheduler(TutorialDiscreteScheduler, SchedulerMixin, Conf
         distillation (`str`, defaults to `"progressive"`): one of `DISTILLATIONS`.
         distilled_steps (`list[int]`, defaults to `[1, 2, 4]`): the step counts the student was trained for (the
             model card recommends the smallest); any other N in [1, T] still samples.
+        distilled_timesteps (`list[list[int]]`, *optional*): grids that replace the `timestep_spacing` grid of the
+            same length, e.g. `[[999, 599], [999, 499, 299, 149]]`: `set_timesteps(2)` then visits 999 and 599. A
+            consistency model samples at any times (CM Sec. 6 chose them by a search on FID); with N steps the
+            spaced grid is rarely the best. Each grid strictly descending in [0, num_train_timesteps), one per N.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -79,14 +84,33 @@ class TutorialDistilledScheduler(TutorialDiscreteScheduler, SchedulerMixin, Conf
         rescale_betas_zero_snr: bool = False,
         distillation: str = "progressive",
         distilled_steps: Optional[List[int]] = None,
+        distilled_timesteps: Optional[List[List[int]]] = None,
     ):
         check_choice("distillation", distillation, DISTILLATIONS)
         for n in distilled_steps or []:
             check_int("distilled_steps", n, 1, num_train_timesteps, "num_train_timesteps")
         if distilled_steps is None:
             self.register_to_config(distilled_steps=[1, 2, 4])
+        lengths = []
+        for grid in distilled_timesteps or []:
+            try:
+                lengths.append(int(validate_custom_timesteps(grid, num_train_timesteps).numel()))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"distilled_timesteps: the grid {grid!r} is not valid: {error}") from None
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(
+                f"distilled_timesteps={distilled_timesteps!r} gives two grids of the same length; give at most one "
+                "grid per step count."
+            )
         self._init_schedule()
         self.final_alpha_cumprod = torch.tensor(self._final_alpha_bar(), dtype=torch.float32)  # diffusers' name
+
+    def _spaced_grid(self, n: int) -> torch.Tensor:
+        """`set_timesteps(n)`'s grid: the `distilled_timesteps` grid of length n, else the spaced one."""
+        for grid in self.config.distilled_timesteps or []:
+            if len(grid) == n:
+                return validate_custom_timesteps(grid, self.config.num_train_timesteps)
+        return super()._spaced_grid(n)
 
     def _final_alpha_bar(self) -> float:
         # ᾱ of the level "x_0" that the last step lands on (DDIM App. C: ᾱ_0 := 1), or ᾱ of t = 0.
@@ -122,7 +146,9 @@ class TutorialDistilledScheduler(TutorialDiscreteScheduler, SchedulerMixin, Conf
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass at most one of generator and variance_noise to step().")
         if variance_noise is not None and variance_noise.shape != sample.shape:
-            raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}; expected {tuple(sample.shape)}.")
+            raise ValueError(
+                f"variance_noise has shape {tuple(variance_noise.shape)}; expected {tuple(sample.shape)}."
+            )
         alpha_bar, alpha_bar_prev = tables["alpha_bar"][i], tables["alpha_bar_prev"][i]
 
         # 1. x̂_0 = f_θ(x_t, t) with the boundary condition built in (module docstring), and ε̂ (DDIM eq. (9)).

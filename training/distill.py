@@ -129,6 +129,14 @@ def build_distill_parser() -> argparse.ArgumentParser:
         help="Step counts the final student is evaluated at (comma-separated); consistency records them in the "
         "scheduler's config.",
     )
+    g.add_argument(
+        "--sample_timesteps",
+        type=str,
+        default=None,
+        help="consistency: grids that replace the trailing grid of the same length when the student samples, "
+        "';'-separated, each comma-separated and descending (e.g. '999,599;999,499,299,149'); recorded in the "
+        "scheduler's config as distilled_timesteps, so the folder samples on them with no extra flags.",
+    )
     g.add_argument("--start_steps", type=int, default=64, help="progressive: the teacher's DDIM steps in round 1.")
     g.add_argument("--final_steps", type=int, default=1, help="progressive: the last round's student steps.")
     g.add_argument(
@@ -184,6 +192,13 @@ def check_distill_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)!r} must be >= 1.")
     parse_steps(args.sample_steps)
+    if args.sample_timesteps is not None:
+        if args.method != "consistency":
+            raise ValueError(
+                f"--sample_timesteps={args.sample_timesteps!r} applies to --method consistency only: a progressive "
+                "student is distilled on the trailing grids and samples on them."
+            )
+        parse_grids(args.sample_timesteps)
     per_round = parse_steps(args.steps_per_round, "steps_per_round")
     if args.method == "progressive":
         ratio = args.start_steps // args.final_steps
@@ -217,6 +232,18 @@ def parse_steps(text: str, flag: str = "sample_steps") -> List[int]:
     if not steps or any(n < 1 for n in steps):
         raise ValueError(f"--{flag}={text!r}: list at least one number, every one >= 1.")
     return steps
+
+
+def parse_grids(text: Optional[str]) -> Optional[List[List[int]]]:
+    """`--sample_timesteps`: ';'-separated grids -> the scheduler's `distilled_timesteps` (checked by it)."""
+    if text is None:
+        return None
+    grids = [parse_steps(part, "sample_timesteps") if part.strip() else [] for part in text.split(";")]
+    try:
+        TutorialDistilledScheduler(distilled_timesteps=grids)
+    except ValueError as error:
+        raise ValueError(f"--sample_timesteps={text!r}: {error}") from None
+    return grids
 
 
 def parse_distill_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -471,6 +498,7 @@ class DistillationObjective(story.DiffusionObjective):
             prediction_type=self.settings.prediction_type,
             distillation=self.settings.method,
             distilled_steps=steps,
+            distilled_timesteps=parse_grids(self.settings.sample_timesteps),
             clip_sample=True,
         )
 

@@ -102,7 +102,8 @@ def test_resume_repeats_the_uninterrupted_distillation_exactly(tmp_path, tiny_te
 @pytest.mark.parametrize("method", ["progressive", "consistency"])
 def test_output_folder_samples_the_student_in_1_2_and_4_steps(tmp_path, tiny_teacher, method):
     out = tmp_path / "run"
-    metrics = distill.main(distill_args(tiny_teacher, out, method))
+    grids = ["--sample_timesteps", "999,599;999,499,299,149"] if method == "consistency" else []
+    metrics = distill.main(distill_args(tiny_teacher, out, method, *grids))
     assert {"frechet_distance@1", "frechet_distance@2", "frechet_distance@4"} <= set(metrics)
 
     pipe = TutorialUnconditionalPipeline.from_pretrained(out)
@@ -110,9 +111,13 @@ def test_output_folder_samples_the_student_in_1_2_and_4_steps(tmp_path, tiny_tea
     assert isinstance(scheduler, TutorialDistilledScheduler)
     assert scheduler.config.distillation == method and scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.distilled_steps == ([1] if method == "progressive" else [1, 2, 4])
+    visited = {1: [999], 2: [999, 599], 4: [999, 499, 299, 149]}  # consistency: the grids the run recorded
+    if method == "progressive":
+        visited = {1: [999], 2: [999, 499], 4: [999, 749, 499, 249]}  # the trailing grids it was distilled on
     for n in (1, 2, 4):  # no argument but the step count
         images = pipe(batch_size=2, num_inference_steps=n, output_type="pt").images
         assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+        assert pipe.scheduler.timesteps.tolist() == visited[n]
     card = (out / "README.md").read_text()
     assert "teacher: `tiny-ddpm`" in card and f"method: {method}" in card
     if method == "progressive":  # the student of round 1 (4 -> 2 steps) was kept, with its own step count
@@ -142,6 +147,9 @@ def test_flags_of_distillation_are_checked_at_the_door(capsys, tiny_teacher, tmp
         (["--target_ema_decay", "1.0"], "--target_ema_decay=1.0"),
         (["--num_class_embeds", "10"], "--num_class_embeds=10"),
         (["--sample_steps", "1,x"], "--sample_steps='1,x'"),
+        (["--method", "progressive", "--sample_timesteps", "999,499"], "--sample_timesteps='999,499'"),
+        (["--sample_timesteps", "999,999"], "--sample_timesteps='999,999'"),
+        (["--sample_timesteps", "999,5;999,7"], "--sample_timesteps='999,5;999,7'"),
     ):
         with pytest.raises(SystemExit):
             distill.parse_distill_args(["--teacher", tiny_teacher, *bad])

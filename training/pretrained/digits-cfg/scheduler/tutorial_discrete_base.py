@@ -115,13 +115,18 @@ class TutorialDiscreteScheduler(TutorialSchedulerCommon):
                         f"steps_offset={offset} pushes the 'leading' grid past t = {T - 1} at "
                         f"num_inference_steps={n}; lower steps_offset or num_inference_steps."
                     )
-                grid = grids.spaced_timesteps(n, T, spacing, offset)
-                entry = self._grid_entry(grid, n, custom=False)
+                entry = self._grid_entry(self._spaced_grid(n), n, custom=False)
             else:
                 grid = grids.validate_custom_timesteps(timesteps, T)
                 entry = self._grid_entry(grid, int(grid.numel()), custom=True)
             self._grid_cache[key] = entry
         self._use_grid(entry, device)
+
+    def _spaced_grid(self, n: int) -> torch.Tensor:
+        """The grid of `set_timesteps(n)`: n timesteps spaced by the config's `timestep_spacing`."""
+        return grids.spaced_timesteps(
+            n, self.config.num_train_timesteps, self.config.timestep_spacing, self.config.steps_offset
+        )
 
     def _use_grid(self, entry: dict, device) -> None:
         # ---- the one block of mutable state ----------------------------------------------------------------------
