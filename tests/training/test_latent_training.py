@@ -115,6 +115,8 @@ def test_a_latent_run_trains_resumes_exactly_and_saves_a_latent_pipeline(tmp_pat
     saved_vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     original = load_file(tmp_path / "ae" / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved_vae[k], original[k]) for k in original)  # the frozen VAE, unchanged, in float32
+    # Scaled latents have unit variance, not a range: the saved sampler must not clip x̂_0 to [-1, 1] (notebook 15).
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is False
 
     script = f"""
 import json, torch
