@@ -382,11 +382,12 @@ for t in t_fractional:
 # Each model evaluation can be spent twice (UniPC's corrector, Zhao et al. 2023): the evaluation at the predicted
 # $x_{t_{i+1}}$ is the next step's data prediction, and it is also a third point for the polynomial through which the
 # step $t_i \to t_{i+1}$ is redone, one order higher, before the next step starts. No extra evaluation. And where
-# $\sigma/\alpha$ is above about 30 (λ below -3.5), $\hat x_0$ barely depends on $x$, so the exponential integrator
-# crosses that stretch in one step; the linear schedule starts at λ ≈ -5, the cosine one at λ ≈ -10. The default
-# (`step_placement="auto"`) therefore uses the few-step Karras grid alone below 10 evaluations, where it won on the
-# digits network, and from 10 on adds the corrector (and, from 15 on, the first jump to λ = -3.5 with the rest uniform
-# in λ). On the ring:
+# $\sigma/\alpha$ is above about 70 (λ below -4.25), $\hat x_0$ barely depends on $x$, so the exponential integrator
+# crosses that stretch in one step; the linear schedule starts at λ ≈ -5, the cosine one at λ ≈ -10. (Not further: a
+# trained ε-network's $\hat x_0$ there carries its error times $\sigma/\alpha$, and a longer first step passes more of
+# it on.) The default (`step_placement="auto"`) therefore uses the few-step Karras grid alone below 10 evaluations,
+# where it won on the digits network, and from 10 on adds the corrector (and, from 15 on, the first jump to λ = -4.25
+# with the rest uniform in λ). On the ring:
 
 # %%
 corrected_errors = {}

@@ -89,6 +89,7 @@ def test_bench_samplers_trained_networks_quick():
     stdout = _run("bench_samplers.py", "--quick", "--sections", "trained")
     assert "ours DPM++ 2M (defaults)" in stdout and "diffusers UniPC" in stdout
     assert stdout.count("evaluations: ours (defaults)") == 3  # 5, 10 and 20 evaluations
+    assert stdout.count("distance to the PF-ODE solution: ours (defaults)") == 3
 
 
 def test_bench_schedulers_quick():
