@@ -279,8 +279,9 @@ for name, run in runs.items():
 # The two losses are not comparable: the same $\varepsilon$-prediction loss is a different task on a different
 # effective schedule (at high SNR, finding small noise in a large signal is harder, so the unscaled run's loss is
 # higher). The samples are what count. We sample both with DDIM, the same steps and seeds, twice: with `clip_sample`
-# off (right for latents) and on (the pixel default that the saved scheduler config carries over; DDIM then clips
-# $\hat{\tilde z}_0$ to $[-1, 1]$ at every step).
+# off (right for latents, and what `train_unconditional.py --vae` saves in the folder's scheduler config) and on (the
+# pixel default, which any scheduler built without that config carries; DDIM then clips $\hat{\tilde z}_0$ to
+# $[-1, 1]$ at every step).
 
 
 # %%
@@ -309,7 +310,7 @@ plt.show()
 # What the full-size runs (600 updates each, one to two and a half minutes per run on one shared core) show, honestly:
 #
 # * **Without clipping, the wrong scale makes no difference we can measure at this length.** In the committed run
-#   (seed 0) the unscaled model's Fréchet distance is 149 against 107 for the scaled one; the same two runs with
+#   (seed 0) the unscaled model's Fréchet distance is 148 against 99 for the scaled one; the same two runs with
 #   `--seed 1` gave 129 against 131. Both models are early in training (the shipped pixel model below reaches about
 #   45), and the seed moves the numbers by more than the scale does. The SNR argument says why: a shifted schedule is
 #   a *different* schedule, not an inconsistent one (training and sampling share it), and on our linear schedule the
@@ -322,7 +323,8 @@ plt.show()
 #   which the classifier files under one class. Scaled latents survive better, but more than a quarter of their
 #   values lie outside $[-1, 1]$ and the clipped samples are still several times worse (in Fréchet distance) than
 #   unclipped ones, with both seeds. A latent pipeline must sample with `clip_sample=False` (Stable Diffusion's
-#   scheduler config sets it so): the scale factor and the sampler's settings are one decision.
+#   scheduler config sets it so, and so does the folder `train_unconditional.py --vae` writes): the scale factor and
+#   the sampler's settings are one decision.
 #
 # ## 4. Pixel and latent models side by side
 #
@@ -415,7 +417,7 @@ plt.show()
 # of 32×32; the 32-px default even adds a third level), and the decoder's one pass costs about as much as four latent
 # steps, so at 32×32 the latent sampler is about ten times faster, and with the shipped UNets it is faster even than
 # the 16-px pixel model. Quality is another matter: it depends on how long each UNet was trained (each folder's
-# README says; `benchmarks/bench_latent.py` compares latent and pixel training at the same wall-clock budget). The
+# README says; `benchmarks/bench_latent.py` compares latent and pixel training at the same compute budget). The
 # Fréchet distances are each taken at the sample's own size (16 or 32 px) against the held-out digits at that size,
 # so compare them as a rough guide only.
 #
@@ -444,10 +446,7 @@ if not FAST:
     assert scale_metrics["s = 1", True]["class_coverage"] <= 0.3 and fd["s = 1", True] > 3 * fd["s = 1", False]
     assert fd["s = 1/std", True] > 2 * fd["s = 1/std", False]
     assert scale_metrics["s = 1/std", False]["class_coverage"] == 1.0  # the scaled model draws every class
-    assert (
-        side_metrics["pixel, 16 px"]["class_coverage"] == 1.0
-        and side_metrics["latent, 32 px"]["class_coverage"] >= 0.8
-    )
+    assert side_metrics["pixel, 16 px"]["class_coverage"] == side_metrics["latent, 32 px"]["class_coverage"] == 1.0
 # 4. Latent sampling is much cheaper than pixel sampling at the same size and steps.
 assert flop_ratio > 10 and pixel32_ms > 3 * sampler_ms["latent, 32 px"]
 assert latent_step["ms"] < pixel32["ms"] / 3

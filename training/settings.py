@@ -555,7 +555,7 @@ def resolved_sr(args: argparse.Namespace, name: str) -> Optional[int]:
 def make_scheduler(args: argparse.Namespace, kind: str):
     """The run's noise scheduler (training and the saved folder's). Latent runs (`--vae`) do not clip x̂_0 to
     [-1, 1]: scaled latents have unit variance, not a range (about 3 in 10 lie outside it for the digits VAE), and
-    clipping them ruins the samples (notebook 15: digits FD 107 -> 717)."""
+    clipping them ruins the samples (notebook 15: digits FD 99 -> 730)."""
     return SCHEDULERS[kind](
         clip_sample=getattr(args, "vae", None) is None,
         num_train_timesteps=args.ddpm_num_steps,

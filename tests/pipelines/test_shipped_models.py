@@ -8,6 +8,7 @@ import torch
 
 from custom_pipelines import (
     TutorialClassConditionalPipeline,
+    TutorialLatentPipeline,
     TutorialSuperResolutionPipeline,
     TutorialUnconditionalPipeline,
 )
@@ -18,7 +19,10 @@ CASES = {
     "digits-cfg": (TutorialClassConditionalPipeline, {"class_labels": [0, 4, 7], "guidance_scale": 2.0}),
     # three 4x4 low-resolution images in [0, 1] (a tensor in both processes: see ONLY_DIFFUSERS)
     "digits-sr3": (TutorialSuperResolutionPipeline, {"image": torch.linspace(0, 1, 48).reshape(3, 1, 4, 4).tolist()}),
+    # latent diffusion: 4x8x8 latents of the shipped digits-vae (in the folder's vae/), decoded to 32x32
+    "digits-ldm": (TutorialLatentPipeline, {"batch_size": 3}),
 }
+SIZES = {"digits-ldm": 32}  # the others are 16x16
 STEPS = 5
 
 ONLY_DIFFUSERS = """
@@ -55,5 +59,6 @@ def test_shipped_folder_loads_with_diffusers_alone_and_matches_our_classes(name,
     pipe.set_progress_bar_config(disable=True)
     ours = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, output_type="pt", **kwargs)
     theirs = torch.tensor(res[name]["images"]).reshape(ours.images.shape)
-    assert ours.images.shape == (3, 1, 16, 16)
+    size = SIZES.get(name, 16)
+    assert ours.images.shape == (3, 1, size, size)
     torch.testing.assert_close(theirs, ours.images, atol=1e-6, rtol=0)
