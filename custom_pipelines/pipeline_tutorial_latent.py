@@ -218,17 +218,17 @@ class TutorialLatentPipeline(TutorialPipelineBase):
             z0 = self.encode_images(x0, generator)
             latents = self.scheduler.add_noise(z0, noise, timesteps_on_device[:1].repeat(batch_size))
         step_kwargs = self.scheduler_step_kwargs(eta=eta, generator=generator)
-        trajectory = [latents.cpu()] if return_trajectory else None
-        pred_x0s: List[Optional[torch.Tensor]] = []
 
         # 3. Reverse process in latent space: one network evaluation and one scheduler step per entry of the grid.
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, timesteps_on_device[i]).sample
-            out = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = self.finish_step(
-                i, t, timesteps, out, model_output, trajectory, pred_x0s, callback_on_step_end, tensor_inputs, locals()
-            )
+        latents, trajectory, pred_x0s = self.denoise(
+            latents,
+            timesteps,
+            timesteps_on_device,
+            step_kwargs,
+            callback_on_step_end,
+            tensor_inputs,
+            return_trajectory,
+        )
 
         # 4. z̃_0 -> x = D(z̃_0 / s + b) ∈ [-1, 1] -> images; a NaN/inf from the decoder raises (`check_decoded`).
         if output_type == "latent":

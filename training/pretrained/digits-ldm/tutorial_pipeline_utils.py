@@ -219,6 +219,34 @@ class TutorialPipelineBase(TutorialLoadingMixin, TutorialSavingMixin, DiffusionP
             latents = outputs.pop("latents", latents)
         return latents
 
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: Sequence,
+        timesteps_on_device: torch.Tensor,
+        step_kwargs: Dict,
+        callback,
+        tensor_inputs: Sequence[str],
+        return_trajectory: bool,
+    ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]], List[Optional[torch.Tensor]]]:
+        """The reverse process over `timesteps` (the host's grid; the UNet reads `timesteps_on_device`): one network
+        evaluation and one scheduler step per entry, each followed by `finish_step`.
+
+        Returns:
+            `(latents, trajectory, pred_x0s)`: the last x_t, and x_t (starting with the given one) and x̂_0 at every
+            step when `return_trajectory` (else `None` and an empty list).
+        """
+        trajectory = [latents.cpu()] if return_trajectory else None
+        pred_x0s: List[Optional[torch.Tensor]] = []
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
+            out = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            latents = self.finish_step(
+                i, t, timesteps, out, model_output, trajectory, pred_x0s, callback, tensor_inputs, locals()
+            )
+        return latents, trajectory, pred_x0s
+
     @staticmethod
     def record_step(trajectory: List[torch.Tensor], pred_x0s: List[Optional[torch.Tensor]], latents, step_output):
         """Append x_t and the step's x̂_0 (None for schedulers that do not report one) to a trajectory, on CPU."""
