@@ -1,5 +1,5 @@
-"""Fixtures of the pipeline tests: tiny random models (a UNet2DModel, an AutoencoderKL) and running code in a fresh
-Python process.
+"""Fixtures of the pipeline tests: tiny random models (a UNet2DModel; the AutoencoderKL, `vae_factory`, is in
+tests/conftest.py) and running code in a fresh Python process.
 
 pytest runs in importlib mode (setup.cfg), so helpers reach test modules as fixtures, not imports.
 """
@@ -11,8 +11,7 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from diffusers import AutoencoderKL, UNet2DModel
+from diffusers import UNet2DModel
 
 from schedulers import (
     TutorialDDIMScheduler,
@@ -110,33 +109,6 @@ def our_scheduler_cls(request):
 @pytest.fixture
 def tiny_unet(unet_factory) -> UNet2DModel:
     return unet_factory()
-
-
-def make_vae(scaling_factor: float = 0.5, shift_factor=None, latent_channels: int = 2, seed: int = 0) -> AutoencoderKL:
-    """A tiny random AutoencoderKL: 1-channel 8x8 images <-> `latent_channels` x 4x4 latents (two blocks: f = 2).
-
-    Its UNet: `unet_factory(sample_size=4, in_channels=latent_channels)`.
-    """
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=8,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    ).eval()
-
-
-@pytest.fixture(scope="session")
-def vae_factory():
-    """`make_vae(scaling_factor=0.5, shift_factor=None, latent_channels=2, seed=0)`: a latent pipeline's autoencoder."""
-    return make_vae
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from training import checkpoints as ckpt
 from training import train_unconditional as tu
 from training.training_run import load_training_data, prepare_training
 
+from ..conftest import make_vae
 from .conftest import tiny_args
 
 META = torch.device("meta")
@@ -79,22 +80,9 @@ def test_device_placement_every_tensor_of_the_training_state_follows_the_acceler
 
 def test_device_placement_a_latent_run_keeps_the_vae_and_its_latents_on_the_device(monkeypatch, tmp_path):
     # --vae: the frozen VAE moves with the run, each batch is encoded (a posterior sample) on the device.
-    from diffusers import AutoencoderKL
-
     from training.latent import LatentDiffusionObjective
 
-    torch.manual_seed(0)
-    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        latent_channels=2,
-        norm_num_groups=8,
-        sample_size=8,
-        layers_per_block=1,
-        **blocks,
-    ).save_pretrained(tmp_path / "vae")
+    make_vae(scaling_factor=0.18215).save_pretrained(tmp_path / "vae")  # diffusers' default scaling_factor
     monkeypatch.setattr(Accelerator, "device", property(lambda self: META))
     argv = ["--vae", tmp_path / "vae", "--resolution", 8, "--max_train_samples", 64, "--train_batch_size", 8]
     argv += ["--output_dir", tmp_path / "run", "--logger", "none", "--mixed_precision", "no"]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from training import train_unconditional as tu
 from training.latent import LatentDiffusionObjective, find_vae_folder
 
+from ..conftest import make_vae
 from .conftest import read_losses, subprocess_env
 
 # A UNet for 2-channel 4x4 latents (8x8 digits through a VAE with two blocks: f = 2).
@@ -36,18 +37,7 @@ TINY_LATENT_UNET = {
 def save_vae(folder, scaling_factor=None, subfolder=None) -> str:
     """A tiny random AutoencoderKL (1 x 8x8 <-> 2 x 4x4) saved to `folder` (or `folder/subfolder`); its config holds
     `scaling_factor` when given, else none (diffusers then fills in 0.18215)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=8,
-        sample_size=8,
-    )
+    vae = make_vae(latent_channels=2, seed=0)
     with torch.no_grad():  # latents of std ≈ 0.08: far from 1 both unscaled and times 0.18215
         vae.quant_conv.weight[:2] *= 0.3
         vae.quant_conv.bias[:2] *= 0.3
